@@ -1,0 +1,180 @@
+"""Tests for mac.py: shapes, gradients, the padding mask, the step protocol, overfitting (CPU, seconds)."""
+import dataclasses
+import os
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+import mac  # noqa: E402
+from mac import MAC, MACConfig  # noqa: E402
+
+NUM_WORDS, NUM_ANSWERS = 30, 8
+SHAPES = {"pixels": (3, 32, 32), "features": (1024, 14, 14)}
+
+
+def tiny_cfg(**kw):
+    return MACConfig(**{**dict(dim=16, embed_dim=8, max_steps=3, pixel_channels=(8, 8)), **kw})
+
+
+def make_model(kind="pixels", **kw):
+    info = dict(num_words=NUM_WORDS, num_answers=NUM_ANSWERS, image_kind=kind, image_shape=SHAPES[kind])
+    return MAC(tiny_cfg(**kw), info)
+
+
+def make_batch(B=4, kind="pixels", lens=None, L=10, seed=0):
+    """Questions as data.py makes them: <START> words <END>, then 0-padding up to L."""
+    g = torch.Generator().manual_seed(seed)
+    lens = torch.tensor(lens if lens is not None else [L - 3 * (i % 3) for i in range(B)])
+    question = torch.randint(4, NUM_WORDS, (B, L), generator=g)
+    question[:, 0] = 1
+    question[torch.arange(B), lens - 1] = 2
+    question = question * (torch.arange(L)[None] < lens[:, None])
+    image = torch.rand(B, *SHAPES[kind], generator=g)
+    if kind == "features":
+        image = image * 2                                      # ResNet features are >= 0, unnormalised
+    answer = torch.randint(0, NUM_ANSWERS, (B,), generator=g)
+    return dict(image=image, question=question, question_len=lens, answer=answer,
+                family=torch.zeros(B, dtype=torch.long))           # keys the model must ignore
+
+
+def run_protocol(model, batch):
+    ctx = model.encode(batch)
+    state = model.init_state(ctx)
+    states = []
+    for t in range(model.max_steps):
+        state = model.step(ctx, state, t)
+        states.append(state)
+    return ctx, states, model.classify(ctx, state)
+
+
+def test_registry_names_and_presets():
+    assert mac.Config is MACConfig and mac.Model is MAC
+    fields = {f.name for f in dataclasses.fields(MACConfig)}
+    for name, preset in mac.PRESETS.items():
+        assert set(preset) <= fields, name
+        MACConfig(**preset)
+    d = MACConfig()
+    assert (d.dim, d.embed_dim, d.max_steps) == (512, 300, 12)
+    dropouts = (d.stem_dropout, d.question_dropout, d.memory_dropout, d.output_dropout)
+    assert dropouts == (0.18, 0.08, 0.15, 0.15)
+    assert not d.self_attention and not d.memory_gate
+
+
+@pytest.mark.parametrize("kind", ["pixels", "features"])
+def test_shapes_and_log_probs(kind):
+    torch.manual_seed(0)
+    model = make_model(kind)
+    batch = make_batch(B=2 if kind == "features" else 4, kind=kind)
+    out = model(batch)["log_probs"]
+    assert out.shape == (len(batch["answer"]), NUM_ANSWERS)
+    assert torch.allclose(out.exp().sum(-1), torch.ones(len(out)), atol=1e-5)
+    ctx = model.encode(batch)
+    K = 14 * 14 if kind == "features" else 8 * 8               # 32 -> 16 -> 8 with two stride-2 convs
+    assert ctx["knowledge"].shape == (len(out), K, 16)
+    assert ctx["words"].shape == (len(out), batch["question"].size(1), 16)
+
+
+@pytest.mark.parametrize("kind,options", [
+    ("pixels", {}), ("features", {}),
+    ("pixels", dict(self_attention=True)), ("pixels", dict(memory_gate=True)),
+    ("pixels", dict(self_attention=True, memory_gate=True)),
+])
+def test_finite_loss_and_grads_reach_every_parameter(kind, options):
+    torch.manual_seed(0)
+    model = make_model(kind, **options).train()
+    batch = make_batch(B=2 if kind == "features" else 4, kind=kind)
+    loss = F.nll_loss(model(batch)["log_probs"], batch["answer"])
+    assert torch.isfinite(loss)
+    loss.backward()
+    for name, p in model.named_parameters():
+        assert p.grad is not None, f"no gradient reaches {name}"
+        assert torch.isfinite(p.grad).all(), name
+        assert p.grad.abs().sum() > 0, f"zero gradient for {name}"
+
+
+def test_control_attention_ignores_padding():
+    torch.manual_seed(0)
+    model = make_model(self_attention=True).train()            # train: dropout on, mask must still hold
+    batch = make_batch(B=4, lens=[10, 6, 3, 8], L=10)
+    ctx, states, _ = run_protocol(model, batch)
+    pad = torch.arange(10)[None] >= batch["question_len"][:, None]
+    assert torch.equal(ctx["word_mask"], ~pad)
+    for s in states:
+        cv = s["control_attn"]
+        assert (cv[pad] == 0).all()
+        assert (cv[~pad] > 0).all()
+        assert torch.allclose(cv.sum(-1), torch.ones(4), atol=1e-5)
+        assert torch.allclose(s["read_attn"].sum(-1), torch.ones(4), atol=1e-5)
+
+
+def test_extra_padding_changes_nothing():
+    torch.manual_seed(0)
+    model = make_model(self_attention=True, memory_gate=True).eval()
+    batch = make_batch(B=4, lens=[10, 6, 3, 8], L=10)
+    longer = dict(batch, question=F.pad(batch["question"], (0, 7)))   # 7 more <NULL> columns
+    with torch.no_grad():
+        a, b = model(batch)["log_probs"], model(longer)["log_probs"]
+    assert torch.allclose(a, b, atol=1e-6)
+
+
+@pytest.mark.parametrize("train", [False, True])
+def test_forward_is_the_protocol_loop(train):
+    torch.manual_seed(0)
+    model = make_model(self_attention=True, memory_gate=True).train(train)
+    batch = make_batch()
+    torch.manual_seed(1)
+    out = model(batch)["log_probs"]
+    torch.manual_seed(1)                                       # same dropout draws in the same order
+    ctx, states, logits = run_protocol(model, batch)
+    assert len(states) == model.max_steps == 3
+    assert torch.allclose(out, logits.log_softmax(-1), atol=1e-6)
+    assert torch.equal(model.halt_input(None, states[-1]), states[-1]["control"])
+    assert states[-1]["controls"].shape == states[-1]["memories"].shape == (4, 4, 16)  # c_0..c_3
+    with pytest.raises(IndexError):
+        model.step(ctx, states[-1], model.max_steps)              # no projection W_i for this step
+
+
+@pytest.mark.parametrize("train", [False, True])
+def test_indexing_rows_commutes_with_step(train):
+    """What DACT compaction relies on: step(ctx[idx], state[idx]) == step(ctx, state)[idx]."""
+    torch.manual_seed(0)
+    model = make_model(self_attention=True, memory_gate=True, memory_dropout=0.5).train(train)
+    batch = make_batch(B=4, lens=[10, 6, 3, 8])
+    with torch.no_grad():
+        ctx = model.encode(batch)
+        if train:                                              # variational mask: one per example
+            assert set(ctx["memory_mask"].unique().tolist()) == {0.0, 2.0}
+        state = model.step(ctx, model.init_state(ctx), 0)
+        full = model.step(ctx, state, 1)
+        again = model.step(ctx, state, 1)                      # the step itself draws no new dropout
+        idx = torch.tensor([2, 0])
+        sub_ctx = {k: v[idx] for k, v in ctx.items()}
+        sub = model.step(sub_ctx, {k: v[idx] for k, v in state.items()}, 1)
+    assert set(sub) == set(full)
+    for k in full:
+        assert torch.equal(full[k], again[k]), k
+        assert torch.allclose(sub[k], full[k][idx], atol=1e-6), k
+    if not train:
+        assert torch.allclose(model.classify(sub_ctx, sub), model.classify(ctx, full)[idx], atol=1e-6)
+
+
+def test_overfits_one_small_batch():
+    torch.manual_seed(0)
+    model = make_model(dim=32, stem_dropout=0.0, question_dropout=0.0, memory_dropout=0.0,
+                       output_dropout=0.0).train()
+    batch = make_batch(B=16, L=8, seed=1)
+    batch["image"] = batch["image"][:, :, :16, :16].contiguous()   # smaller images: faster
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    losses = []
+    for _ in range(150):
+        loss = F.nll_loss(model(batch)["log_probs"], batch["answer"])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+        if loss.item() < 0.1 * losses[0]:
+            break
+    assert losses[-1] < 0.1 * losses[0], f"loss {losses[0]:.3f} -> {losses[-1]:.3f} in {len(losses)} steps"
