@@ -152,15 +152,24 @@ class ReadUnit(nn.Module):
     def __init__(self, dim):
         super().__init__()
         self.mem_proj = nn.Linear(dim, dim)
-        self.kb_proj = nn.Linear(dim, dim)                               # applied once, in MAC.encode
+        self.kb_proj = nn.Linear(dim, dim)                               # applied once, in precompute
         self.concat = nn.Linear(2 * dim, dim)
         self.concat2 = nn.Linear(dim, dim)                               # official code: ELU + 2nd layer
         self.attn = nn.Linear(dim, 1)
 
-    def forward(self, m_prev, k, k_proj, c_i):
+    def precompute(self, k):
+        """The step-independent part: W_k k, and the half of Eq. (5)'s W [I; W_k k] that acts on
+        W_k k (computing it once instead of every step gives the same numbers, faster)."""
+        k_proj = self.kb_proj(k)                                         # (B, K, D)
+        D = k_proj.size(-1)
+        return k_proj, F.linear(k_proj, self.concat.weight[:, D:], self.concat.bias)  # (B, K, D)
+
+    def forward(self, m_prev, k, k_proj, k_half, c_i):
         I = self.mem_proj(m_prev)[:, None] * k_proj                      # (B, K, D) Eq. (4)
-        # official code: concatenates the projected k (the paper writes the raw k_{h,w})
-        I = self.concat2(F.elu(self.concat(torch.cat([I, k_proj], dim=-1))))  # (B, K, D) Eq. (5)
+        # official code: concatenates the projected k (the paper writes the raw k_{h,w});
+        # W [I; W_k k] = W_I I + (W_k-half, precomputed in k_half)
+        I = F.linear(I, self.concat.weight[:, :I.size(-1)]) + k_half     # (B, K, D) Eq. (5)
+        I = self.concat2(F.elu(I))                                       # (B, K, D)
         ra = self.attn(F.elu(I * c_i[:, None])).squeeze(-1)              # (B, K) Eq. (6a)
         rv = ra.softmax(dim=-1)                                          # (B, K) Eq. (6b)
         r_i = (rv[..., None] * k).sum(1)                                 # (B, D) Eq. (6c)
@@ -217,6 +226,7 @@ class MAC(nn.Module):
     """MAC network with the step protocol of DESIGN.md.
 
     ctx   (from encode, fixed over steps): knowledge (B, K, D), knowledge_proj (B, K, D),
+          knowledge_half (B, K, D) (the step-independent half of Eq. (5)),
           words (B, L, D), word_mask (B, L) bool, question (B, D), memory_mask (B, D).
     state (per step): control (B, D), memory (B, D), control_attn (B, L), read_attn (B, K),
           and with self-attention the histories controls, memories (B, t + 1, D).
@@ -248,7 +258,8 @@ class MAC(nn.Module):
         memory_mask = torch.ones_like(q)                                 # (B, D)
         if self.training and p > 0:
             memory_mask = torch.bernoulli(torch.full_like(q, 1 - p)) / (1 - p)
-        return dict(knowledge=k, knowledge_proj=self.read.kb_proj(k), words=cw,
+        k_proj, k_half = self.read.precompute(k)
+        return dict(knowledge=k, knowledge_proj=k_proj, knowledge_half=k_half, words=cw,
                     word_mask=word_mask, question=q, memory_mask=memory_mask)
 
     def init_state(self, ctx):
@@ -269,7 +280,8 @@ class MAC(nn.Module):
                              "projections (set max_steps in the config)")
         c, cv = self.control(state["control"], ctx["question"], ctx["words"], ctx["word_mask"], t)
         # official code: the memory dropout mask applies where the read unit reads m_{i-1}
-        r, rv = self.read(state["memory"] * ctx["memory_mask"], ctx["knowledge"], ctx["knowledge_proj"], c)
+        r, rv = self.read(state["memory"] * ctx["memory_mask"], ctx["knowledge"], ctx["knowledge_proj"],
+                         ctx["knowledge_half"], c)
         m = self.write(r, state["memory"], c, state.get("controls"), state.get("memories"))
         new = dict(control=c, memory=m, control_attn=cv, read_attn=rv)
         if self.cfg.self_attention:

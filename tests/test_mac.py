@@ -92,6 +92,8 @@ def test_finite_loss_and_grads_reach_every_parameter(kind, options):
     for name, p in model.named_parameters():
         assert p.grad is not None, f"no gradient reaches {name}"
         assert torch.isfinite(p.grad).all(), name
+        if name.endswith("attn.bias"):  # a constant added before a softmax: its gradient is 0
+            continue
         assert p.grad.abs().sum() > 0, f"zero gradient for {name}"
 
 
