@@ -1,0 +1,240 @@
+"""Tests for train.py: the command line, a smoke run, exact resume, --init, clear errors (CPU, seconds).
+
+Runs go through `train.main(argv)` in the test process (fast); one goes through `python train.py`.
+They use MAC on the tiny built-in mini-CLEVR (`tiny_data` in conftest.py) at a size where a step
+takes milliseconds: the trainer is what is under test here, not the model.
+"""
+import argparse
+import dataclasses
+import json
+import subprocess
+import sys
+import typing
+from pathlib import Path
+
+import pytest
+import torch
+
+import data
+import mac
+import train
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["--dim", "16", "--embed-dim", "8", "--max-steps", "2", "--pixel-channels", "8", "8",
+        "--batch-size", "16", "--log-every", "5"]
+COMMON = ["--data", "--out", "--epochs", "--iters", "--batch-size", "--lr", "--seed", "--device", "--resume",
+          "--init", "--eval-only", "--preset", "--clip", "--ema", "--workers"]
+
+
+def train_mac(tiny_data, out, *flags):
+    return train.main(["mac", "--data", str(tiny_data), "--out", str(out), *TINY, *flags])
+
+
+def records(out):
+    return [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+
+
+def load(path):
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def error_of(argv):
+    """The message of the SystemExit that train.main(argv) must raise."""
+    with pytest.raises(SystemExit) as e:
+        train.main(argv)
+    assert isinstance(e.value.code, str) and e.value.code.startswith("error: "), e.value.code
+    return e.value.code
+
+
+@pytest.fixture(scope="module")
+def run_dir(tiny_data, tmp_path_factory):
+    """One finished one-epoch run, whose checkpoints the --init and error tests start from."""
+    out = tmp_path_factory.mktemp("runs") / "one-epoch"
+    train_mac(tiny_data, out, "--epochs", "1")
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------
+# Command line
+
+def test_help_lists_models_and_wrappers(capsys):
+    with pytest.raises(SystemExit) as e:
+        train.main(["-h"])
+    assert e.value.code == 0
+    text = capsys.readouterr().out
+    assert all(name in text for name in [*train.MODELS, *train.WRAPPERS])
+
+
+def test_model_help_lists_common_and_model_flags_with_defaults(capsys):
+    with pytest.raises(SystemExit) as e:
+        train.main(["mac", "-h"])
+    assert e.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())  # undo argparse's line wrapping
+    for flag in COMMON + ["--dim", "--max-steps", "--self-attention", "--no-self-attention"]:
+        assert flag in text, flag
+    assert f"(default: {mac.Config().dim};" in text or f"(default: {mac.Config().dim})" in text
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["mac", "--bogus"], "unrecognized arguments: --bogus"),
+    (["mac", "--ep", "3"], "unrecognized arguments: --ep"),  # no abbreviations
+    (["mac", "--dim", "abc"], "invalid int value: 'abc'"),
+    (["mac", "--lr", "fast"], "invalid float value: 'fast'"),
+    (["mac", "--device", "tpu"], "invalid choice: 'tpu'"),
+    (["mac", "--preset", "huge"], "invalid choice: 'huge'"),
+    (["nope"], "invalid choice: 'nope'"),
+    (["mac", "--dim", "8", "act"], "put the wrapper right after the model"),
+    ([], "required: model"),
+])
+def test_bad_command_lines_exit_2_with_a_message(argv, message, capsys):
+    with pytest.raises(SystemExit) as e:
+        train.main(argv)
+    assert e.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_a_model_without_its_file_is_not_implemented_yet(monkeypatch, capsys):
+    monkeypatch.setitem(train.MODELS, "future", "no_such_module_for_train_tests")
+    with pytest.raises(SystemExit) as e:
+        train.main(["future"])
+    assert e.value.code == 2
+    assert "'future' is not implemented yet" in capsys.readouterr().err
+
+
+def test_flags_are_generated_from_the_config_dataclass():
+    @dataclasses.dataclass
+    class Cfg:
+        dim: int = 512  # hidden size
+        rate: float = 0.5  # a rate
+        gate: bool = False  # an option
+        sizes: tuple[int, ...] = (1, 2)  # any number of ints
+        pair: tuple = (3, 4)  # a bare tuple: typed by its default
+        limit: typing.Optional[int] = None  # optional
+        mode: typing.Literal["a", "b"] = "a"  # a choice
+
+    p = argparse.ArgumentParser(allow_abbrev=False)
+    train.add_flags(p, Cfg, "model", presets={"laptop": {"dim": 64}})
+    assert "hidden size (default: 512; laptop: 64)" in " ".join(p.format_help().split())
+    given = vars(p.parse_args(["--dim", "8", "--gate", "--sizes", "5", "6", "7", "--pair", "1", "2",
+                               "--limit", "3", "--mode", "b"]))
+    assert given == {"model.dim": 8, "model.gate": True, "model.sizes": [5, 6, 7], "model.pair": [1, 2],
+                     "model.limit": 3, "model.mode": "b"}  # rate was not given: absent, so presets apply
+    assert vars(p.parse_args(["--no-gate"])) == {"model.gate": False}
+    cfg = train.with_values(Cfg(), {k.split(".")[1]: v for k, v in given.items()})
+    assert cfg.sizes == (5, 6, 7) and cfg.pair == (1, 2)
+    with pytest.raises(SystemExit):
+        p.parse_args(["--mode", "c"])
+
+
+# ----------------------------------------------------------------------------------------------------
+# Runs
+
+def test_smoke_run_through_the_command_line(tiny_data, tmp_path):
+    out = tmp_path / "run"
+    cmd = [sys.executable, str(ROOT / "train.py"), "mac", "--data", str(tiny_data), "--iters", "5",
+           "--out", str(out), *TINY]
+    proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "preset paper (--data given)" in proc.stdout and "questions/s" in proc.stdout
+
+    run = json.loads((out / "run.json").read_text())
+    assert run["argv"][1:4] == ["mac", "--data", str(tiny_data)] and run["model"] == "mac"
+    assert run["config"]["model"]["dim"] == 16 and run["config"]["train"]["iters"] == 5
+    assert set(run["versions"]) == {"python", "torch", "numpy", "h5py"} and run["git_commit"]
+    assert run["data_dir"] == str(tiny_data)
+
+    val = [r for r in records(out) if r["split"] == "val"]
+    assert val and val[-1]["iter"] == 5
+    for key in ("split", "epoch", "iter", "acc", "acc_by_kind", "loss"):
+        assert key in val[-1], key
+    assert list(val[-1]["acc_by_kind"]) == list(data.QUESTION_KINDS)
+    assert 0 <= val[-1]["acc"] <= 1
+
+    ckpt = load(out / "last.pt")
+    assert train.CKPT_KEYS <= set(ckpt) and ckpt["iter"] == 5 and ckpt["model_name"] == "mac"
+    assert ckpt["vocab_hash"] == data.load_info(tiny_data)["vocab_hash"]
+    assert not list(out.glob("*.tmp"))  # written atomically
+
+
+def test_resume_continues_exactly(tiny_data, tmp_path):
+    n = len(data.make_loader(tiny_data, "train", 16, shuffle=True))
+    train_mac(tiny_data, tmp_path / "whole", "--epochs", "2")
+    train_mac(tiny_data, tmp_path / "cut", "--epochs", "2", "--iters", str(n + 3))  # stops inside epoch 2
+    stopped = load(tmp_path / "cut" / "last.pt")
+    assert (stopped["epoch"], stopped["pos"], stopped["iter"]) == (1, 3, n + 3)
+    train.main(["mac", "--out", str(tmp_path / "cut"), "--resume"])  # configs come from the checkpoint
+
+    a, b = load(tmp_path / "whole" / "last.pt"), load(tmp_path / "cut" / "last.pt")
+    assert (b["epoch"], b["pos"], b["iter"]) == (2, 0, 2 * n)
+    for part in ("model", "ema"):
+        for key in a[part]:
+            assert torch.equal(a[part][key], b[part][key]), (part, key)
+    for i, state in a["optimizer"]["state"].items():
+        assert all(torch.equal(state[k], b["optimizer"]["state"][i][k]) for k in state)
+    assert a["scheduler"] == b["scheduler"]
+    assert len(json.loads((tmp_path / "cut" / "run.json").read_text())["resumed"]) == 1
+
+
+def test_init_into_another_config_reports_the_keys(run_dir, tiny_data, tmp_path, capsys):
+    train_mac(tiny_data, tmp_path / "init", "--init", str(run_dir / "best.pt"), "--iters", "2",
+              "--max-steps", "3", "--self-attention")
+    text = capsys.readouterr().out
+    missing = next(line for line in text.splitlines() if "missing keys" in line)
+    assert "control.q_step.2.weight" in missing or not missing.endswith("none"), missing
+    assert "unexpected keys (ignored): none" in text
+    assert (tmp_path / "init" / "last.pt").exists()
+
+
+def test_eval_only_evaluates_a_checkpoint(run_dir, tiny_data, capsys):
+    rec = train.main(["mac", "--init", str(run_dir / "best.pt"), "--eval-only", "--data", str(tiny_data)])
+    assert rec["acc"] == pytest.approx(load(run_dir / "best.pt")["val_acc"])
+    assert "missing keys (keep their fresh init): none" in capsys.readouterr().out
+
+
+def test_preset_auto_is_laptop_on_the_built_in_data_and_flags_win(tiny_data, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(data, "ensure_builtin", lambda tiny=False, log=print: tiny_data)
+    train.main(["mac", "--out", str(tmp_path / "laptop"), "--iters", "1", *TINY])
+    assert "preset laptop (built-in data)" in capsys.readouterr().out
+    cfg = json.loads((tmp_path / "laptop" / "run.json").read_text())["config"]
+    assert cfg["model"]["dim"] == 16 and cfg["train"]["preset"] == "laptop"  # the flag beats the preset
+    for key, value in mac.PRESETS["laptop"].items():
+        if "--" + key.replace("_", "-") not in TINY:
+            where = "model" if hasattr(mac.Config, key) else "train"
+            assert cfg[where][key] == json.loads(json.dumps(value)), key
+
+
+def test_a_nan_loss_stops_the_run_with_a_message(tiny_data, tmp_path, monkeypatch):
+    forward = mac.Model.forward
+    monkeypatch.setattr(mac.Model, "forward", lambda self, b: {"log_probs": forward(self, b)["log_probs"] * torch.nan})
+    assert "the loss is nan" in error_of(["mac", "--data", str(tiny_data), "--out", str(tmp_path / "nan"), *TINY])
+
+
+# ----------------------------------------------------------------------------------------------------
+# Clear errors
+
+def test_error_for_a_missing_data_directory(tmp_path):
+    assert str(tmp_path / "nowhere") in error_of(["mac", "--data", str(tmp_path / "nowhere"), "--iters", "1"])
+
+
+def test_error_for_a_checkpoint_of_another_vocabulary(run_dir, tiny_data, tmp_path):
+    ckpt = load(run_dir / "best.pt")
+    ckpt["vocab_hash"] = "0123456789ab"
+    torch.save(ckpt, tmp_path / "other-vocab.pt")
+    msg = error_of(["mac", "--data", str(tiny_data), "--init", str(tmp_path / "other-vocab.pt"), "--eval-only"])
+    assert "vocabulary" in msg and "0123456789ab" in msg and data.load_info(tiny_data)["vocab_hash"] in msg
+
+
+def test_error_for_a_checkpoint_of_another_model(run_dir, tiny_data, tmp_path):
+    ckpt = load(run_dir / "best.pt")
+    ckpt["model_name"] = "stack_nmn"
+    torch.save(ckpt, tmp_path / "other-model.pt")
+    msg = error_of(["mac", "--data", str(tiny_data), "--init", str(tmp_path / "other-model.pt")])
+    assert "'stack_nmn' model, not 'mac'" in msg
+
+
+def test_error_for_a_damaged_or_missing_checkpoint(run_dir, tiny_data, tmp_path):
+    (tmp_path / "cut.pt").write_bytes((run_dir / "last.pt").read_bytes()[:1000])
+    assert "cannot read checkpoint" in error_of(["mac", "--init", str(tmp_path / "cut.pt")])
+    assert "no checkpoint at" in error_of(["mac", "--init", str(tmp_path / "absent.pt")])
+    assert "no checkpoint at" in error_of(["mac", "--resume", "--out", str(tmp_path / "empty")])
+    assert "already holds a run" in error_of(["mac", "--data", str(tiny_data), "--out", str(run_dir)])
