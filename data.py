@@ -237,10 +237,10 @@ def execute(program, scene):
 # The built-in mini-CLEVR: 2-D scenes with CLEVR's attributes, drawn with numpy
 # ------------------------------------------------------------------------------------------------
 
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2
 BUILTIN = {  # sizes of the two built-in datasets
-    "default": dict(train_images=5000, val_images=1000, questions_per_image=10, image_size=64),
-    "tiny": dict(train_images=48, val_images=16, questions_per_image=5, image_size=32),
+    "default": dict(train_images=5000, val_images=1000, questions_per_image=10, image_size=48, max_objects=5),
+    "tiny": dict(train_images=48, val_images=16, questions_per_image=5, image_size=32, max_objects=5),
 }
 RGB = {"gray": (87, 87, 87), "red": (173, 35, 35), "blue": (42, 75, 215), "green": (29, 105, 20),
        "brown": (129, 74, 25), "purple": (129, 38, 192), "cyan": (41, 208, 208),
@@ -249,7 +249,7 @@ RADIUS = {"large": 0.11, "small": 0.07}  # object radius as a fraction of the im
 MARGIN = 0.04  # every pair of objects differs by this much in x and in y, so relations are unambiguous
 
 
-def sample_scene(rng, index, split, size, min_objects=3, max_objects=7):
+def sample_scene(rng, index, split, size, min_objects=3, max_objects=5):
     """A random scene in CLEVR's scene format. Objects do not overlap, and every pair is at least
     MARGIN apart both horizontally and vertically, so left/right/front/behind are never ambiguous.
     The camera looks down the floor: 'behind' is higher in the picture, 'front' lower."""
@@ -592,7 +592,7 @@ def make_question(rng, scene, family):
         return None
 
 
-def generate_split(rng, split, num_images, per_image, size):
+def generate_split(rng, split, num_images, per_image, size, max_objects=5):
     """Scenes and balanced questions for one split. Balancing (as CLEVR does per template):
     an answer is refused in a family once it is over-represented there, so the answer alone
     cannot be guessed from the family."""
@@ -600,7 +600,7 @@ def generate_split(rng, split, num_images, per_image, size):
     domains = [_answer_domain(f[0]) for f in FAMILIES]
     scenes, questions = [], []
     for index in range(num_images):
-        scene = sample_scene(rng, index, split, size)
+        scene = sample_scene(rng, index, split, size, max_objects=max_objects)
         scenes.append(scene)
         got, tried = 0, 0
         for family in rng.permutation(len(FAMILIES)).tolist() * 3:
@@ -658,7 +658,8 @@ def generate(out, tiny=False, seed=0, log=print, **sizes):
     t0, split_questions = time.time(), {}
     for split_id, split in enumerate(("train", "val")):
         rng = np.random.default_rng([seed, split_id])
-        scenes, questions = generate_split(rng, split, cfg[f"{split}_images"], cfg["questions_per_image"], cfg["image_size"])
+        scenes, questions = generate_split(rng, split, cfg[f"{split}_images"], cfg["questions_per_image"],
+                                           cfg["image_size"], cfg["max_objects"])
         info = {"split": split, "version": "mini-clevr-%d" % GENERATOR_VERSION, "seed": seed}
         (out / "scenes" / f"CLEVR_{split}_scenes.json").write_text(json.dumps({"info": info, "scenes": scenes}))
         (out / "questions" / f"CLEVR_{split}_questions.json").write_text(json.dumps({"info": info, "questions": questions}))
@@ -798,25 +799,25 @@ def prepare_pixels(clevr_dir, split, num_images, size, path, log=print):
             dset[start:] = _resize(np.stack(batch), size)
 
 
-def check_features(path, num_images=None):
-    """Validate a ResNet feature h5 (dataset `features` or `data`, (N, 1024, 14, 14)); returns its name."""
+def check_features(path, num_images=None, shape=(1024, 14, 14)):
+    """Validate a feature h5 (dataset `features` or `data`, (N, *shape) float; by default ResNet-101
+    layer3 features (N, 1024, 14, 14)); returns the dataset's name."""
     path = Path(path)
     if not path.exists():
         raise DataError(f"{path}: no such feature file; extract features first or pass --images pixels")
+    want = f"float (N, {', '.join(map(str, shape))})" + (" ResNet-101 layer3 features" if shape[0] == 1024 else "")
     try:
         with h5py.File(path, "r") as f:
             name = "features" if "features" in f else "data" if "data" in f else None
             if name is None:
-                raise DataError(f"{path}: no dataset 'features' or 'data' (found {list(f.keys())}); "
-                                f"expected ResNet-101 layer3 features (N, 1024, 14, 14)")
-            shape, dtype = f[name].shape, f[name].dtype
+                raise DataError(f"{path}: no dataset 'features' or 'data' (found {list(f.keys())}); expected {want}")
+            found, dtype = f[name].shape, f[name].dtype
     except OSError as e:
         raise DataError(f"{path}: not a readable h5 file ({e})") from None
-    if len(shape) != 4 or shape[1] != 1024 or dtype.kind != "f":
-        raise DataError(f"{path}: dataset {name!r} has shape {shape} and dtype {dtype}; expected float "
-                        f"(N, 1024, 14, 14) ResNet-101 layer3 features")
-    if num_images is not None and shape[0] < num_images:
-        raise DataError(f"{path}: {shape[0]} feature rows but the questions refer to {num_images} images; "
+    if tuple(found[1:]) != tuple(shape) or dtype.kind != "f":
+        raise DataError(f"{path}: dataset {name!r} has shape {found} and dtype {dtype}; expected {want}")
+    if num_images is not None and found[0] < num_images:
+        raise DataError(f"{path}: {found[0]} feature rows but the questions refer to {num_images} images; "
                         f"were the features extracted from another split?")
     return name
 
@@ -850,7 +851,7 @@ def prepare(clevr_dir, out, images="pixels", size=64, vocab=None, features_dir=N
         unk = encode_questions(questions, vocab, out / f"{s}_questions.h5")
         num_images = max(q["image_index"] for q in questions) + 1
         log(f"  {s}: {len(questions)} questions on {num_images} images, {100 * unk:.2f}% <UNK> words")
-        if images == "pixels":
+        if images in ("pixels", "scene-cnn"):
             prepare_pixels(clevr_dir, s, num_images, size, out / f"{s}_images.h5", log)
             info["images"][s] = f"{s}_images.h5"
         elif images == "features":
@@ -858,10 +859,95 @@ def prepare(clevr_dir, out, images="pixels", size=64, vocab=None, features_dir=N
             check_features(path, num_images)
             info["images"][s] = str(path.resolve())
         else:
-            raise DataError(f"--images must be pixels or features, not {images!r}")
+            raise DataError(f"--images must be pixels, features or scene-cnn, not {images!r}")
+    if images == "scene-cnn":
+        info.update(scene_cnn_features(clevr_dir, out, size, log=log))
     (out / "info.json").write_text(json.dumps(info, indent=1))
     log(f"prepared {', '.join(data)} -> {out}")
     return out
+
+
+# ------------------------------------------------------------------------------------------------
+# Image features for the built-in data: a small CNN trained on the scenes' own annotations
+# ------------------------------------------------------------------------------------------------
+
+class SceneCNN(torch.nn.Module):
+    """Pixels (B, 3, S, S) -> features (B, C, S/8, S/8), trained to tell, for every cell, whether an
+    object is centred there and its four attributes. The built-in data's stand-in for the
+    ImageNet-pretrained ResNet-101 whose features MAC reads on real CLEVR: models then learn to
+    reason, not to see, which is what fits in a laptop's minutes (README, "The built-in data")."""
+
+    def __init__(self, channels=32):
+        super().__init__()
+        nn, layers, c = torch.nn, [], 3
+        for ch in (32, 64, 64):  # three stride-2 convs: one cell per 8 x 8 pixels
+            layers += [nn.Conv2d(c, ch, 3, stride=2, padding=1), nn.GroupNorm(8, ch), nn.ELU()]
+            c = ch
+        self.body = nn.Sequential(*layers, nn.Conv2d(c, channels, 3, padding=1), nn.ELU())
+        self.heads = nn.Conv2d(channels, 1 + sum(len(v) for v in ATTRIBUTES.values()), 1)
+
+    def forward(self, x):
+        return self.body(x)
+
+
+def _cell_targets(scenes, size, grid):
+    """Per cell: -1 (no object centred there) or the index of each attribute's value. (N, 4, G, G)."""
+    t = np.full((len(scenes), len(ATTR_ORDER), grid, grid), -1, dtype=np.int64)
+    for i, scene in enumerate(scenes):
+        for o in scene["objects"]:
+            gx, gy = (min(int(v / scene["image_size"] * grid), grid - 1) for v in o["pixel_coords"][:2])
+            t[i, :, gy, gx] = [ATTRIBUTES[a].index(o[a]) for a in ATTR_ORDER]
+    return torch.from_numpy(t)
+
+
+def scene_cnn_features(clevr_dir, out, size, channels=32, iters=1500, log=print, seed=0):
+    """Train SceneCNN on the train split's pixels and scene annotations, then write its features,
+    with x and y coordinate channels appended, as {split}_features.h5 (float16)."""
+    F = torch.nn.functional
+    grid = size // 8
+    with h5py.File(out / "train_images.h5", "r") as f:
+        pixels = torch.from_numpy(f["images"][:])  # (N, 3, S, S) uint8
+    scenes = _load_json(clevr_dir / "scenes" / "CLEVR_train_scenes.json", "train scenes")["scenes"]
+    targets = _cell_targets(scenes, size, grid)  # (N, 4, G, G)
+    gen = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    cnn = SceneCNN(channels)
+    opt = torch.optim.Adam(cnn.parameters(), lr=2e-3)
+    splits = np.cumsum([0] + [len(v) for v in ATTRIBUTES.values()])
+    t0 = time.time()
+    iters = iters if len(pixels) >= 1000 else 30  # the tiny data: a few steps are enough
+    for it in range(iters):
+        idx = torch.randint(0, len(pixels), (64,), generator=gen)
+        logits = cnn.heads(cnn(pixels[idx].float() / 255))  # (64, 1 + 15, G, G)
+        t = targets[idx]
+        present = (t[:, 0] >= 0).float()
+        loss = F.binary_cross_entropy_with_logits(logits[:, 0], present)
+        for k in range(len(ATTR_ORDER)):  # cross-entropy on the cells where an object is centred
+            loss = loss + F.cross_entropy(logits[:, 1 + splits[k]:1 + splits[k + 1]], t[:, k], ignore_index=-1)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if (it + 1) % 500 == 0:
+            log(f"    scene CNN iteration {it + 1}/{iters}: loss {loss.item():.3f} ({time.time() - t0:.0f}s)")
+    cnn.eval()
+    ys, xs = torch.meshgrid(torch.linspace(-1, 1, grid), torch.linspace(-1, 1, grid), indexing="ij")
+    coords = torch.stack([xs, ys])  # (2, G, G)
+    images = {}
+    for split in ("train", "val", "test"):
+        src = out / f"{split}_images.h5"
+        if not src.exists():
+            continue
+        with h5py.File(src, "r") as f, h5py.File(out / f"{split}_features.h5", "w") as g, torch.no_grad():
+            n = len(f["images"])
+            dset = g.create_dataset("features", (n, channels + 2, grid, grid), dtype=np.float16)
+            for i in range(0, n, 512):
+                feats = cnn(torch.from_numpy(f["images"][i:i + 512]).float() / 255)  # (b, C, G, G)
+                dset[i:i + 512] = torch.cat([feats, coords.expand(len(feats), -1, -1, -1)], 1).numpy()
+        src.unlink()  # the pixels are in the CLEVR-layout folder; `prepare --images pixels` remakes them
+        images[split] = f"{split}_features.h5"
+    log(f"  scene CNN: {iters} iterations in {time.time() - t0:.0f}s, features {channels + 2} x {grid} x {grid}")
+    return {"image_kind": "features", "images": images, "feature_shape": [channels + 2, grid, grid],
+            "features_from": "scene-cnn"}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -889,7 +975,7 @@ def load_info(data_dir):
     split = "train" if "train" in info["images"] else next(iter(info["images"]))
     path = d / info["images"][split]
     if info["image_kind"] == "features":
-        name = check_features(path)
+        name = check_features(path, shape=info.get("feature_shape", (1024, 14, 14)))
     else:
         name = "images"
     with h5py.File(path, "r") as f:
@@ -925,7 +1011,7 @@ class Split:
         self.kinds = np.array([kind_of.get(int(t), -1) for t in root], dtype=np.int64)
         path = d / info["images"][split]
         self.is_pixels = info["image_kind"] == "pixels"
-        name = "images" if self.is_pixels else check_features(path)
+        name = "images" if self.is_pixels else check_features(path, shape=info.get("feature_shape", (1024, 14, 14)))
         self.file = h5py.File(path, "r")
         self.images = self.file[name]
         if len(self.image_idxs) and self.image_idxs.max() >= len(self.images):
@@ -999,7 +1085,7 @@ def ensure_builtin(tiny=False, log=print):
     tmp = final.with_name(f"{final.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     generate(tmp, tiny=tiny, log=log)
-    prepare(tmp, tmp / "prepared", size=BUILTIN["tiny" if tiny else "default"]["image_size"], log=log)
+    prepare(tmp, tmp / "prepared", images="scene-cnn", size=BUILTIN["tiny" if tiny else "default"]["image_size"], log=log)
     info = tmp / "prepared" / "info.json"
     info.write_text(info.read_text().replace(str(tmp.resolve()), str(final.resolve())))
     try:
@@ -1024,10 +1110,12 @@ def main(argv=None):
     g.add_argument("--val-images", type=int)
     g.add_argument("--questions-per-image", type=int)
     g.add_argument("--image-size", type=int)
+    g.add_argument("--max-objects", type=int)
     r = sub.add_parser("prepare", help="CLEVR_v1.0 folder -> prepared folder (vocab, h5)")
     r.add_argument("clevr_dir")
     r.add_argument("--out", required=True)
-    r.add_argument("--images", choices=("pixels", "features"), default="pixels")
+    r.add_argument("--images", choices=("pixels", "features", "scene-cnn"), default="pixels",
+                   help="scene-cnn: features of a small CNN trained on the scenes (the built-in data)")
     r.add_argument("--size", type=int, default=64, help="pixels: resize images to SIZE x SIZE")
     r.add_argument("--features-dir", help="features: folder with {split}_features.h5 (default: CLEVR_DIR)")
     r.add_argument("--vocab", help="encode with this existing vocab.json instead of building one")
@@ -1040,7 +1128,7 @@ def main(argv=None):
             sizes = {k: getattr(args, k) for k in ("train_images", "val_images", "questions_per_image", "image_size")}
             generate(args.out, tiny=args.tiny, seed=args.seed, **sizes)
             size = args.image_size or BUILTIN["tiny" if args.tiny else "default"]["image_size"]
-            prepare(args.out, Path(args.out) / "prepared", size=size)
+            prepare(args.out, Path(args.out) / "prepared", images="scene-cnn", size=size)
             print(f"train with: python train.py mac --data {args.out}")
         else:
             prepare(args.clevr_dir, args.out, args.images, args.size, args.vocab, args.features_dir)

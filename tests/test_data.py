@@ -294,5 +294,9 @@ def test_reading_pngs_without_pillow_says_how_to_install(tmp_path, monkeypatch):
 def test_cli_generate_tiny(tmp_path):
     data.main(["generate", "--tiny", "--out", str(tmp_path / "g")])
     info = data.load_info(tmp_path / "g")  # the generated folder resolves to its prepared/ inside
-    assert info["image_kind"] == "pixels" and info["image_shape"] == (3, 32, 32)
+    assert info["image_kind"] == "features" and info["image_shape"] == (32 + 2, 4, 4)  # scene-CNN features
+    batch = next(iter(data.make_loader(tmp_path / "g", "val", 4, shuffle=False)))
+    assert batch["image"].shape == (4, 34, 4, 4)
+    assert torch.allclose(batch["image"][0, -2, 0], torch.linspace(-1, 1, 4), atol=1e-3)  # x coordinate channel
+    assert torch.allclose(batch["image"][0, -1, :, 0], torch.linspace(-1, 1, 4), atol=1e-3)  # y coordinate channel
     assert (tmp_path / "g" / "preview.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

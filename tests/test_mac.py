@@ -10,6 +10,7 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import mac  # noqa: E402
 from mac import MAC, MACConfig  # noqa: E402
+import train  # noqa: E402
 
 NUM_WORDS, NUM_ANSWERS = 30, 8
 SHAPES = {"pixels": (3, 32, 32), "features": (1024, 14, 14)}
@@ -53,9 +54,10 @@ def run_protocol(model, batch):
 def test_registry_names_and_presets():
     assert mac.Config is MACConfig and mac.Model is MAC
     fields = {f.name for f in dataclasses.fields(MACConfig)}
+    trainer = {f.name for f in dataclasses.fields(train.TrainConfig)}
     for name, preset in mac.PRESETS.items():
-        assert set(preset) <= fields, name
-        MACConfig(**preset)
+        assert set(preset) <= fields | trainer, name  # the rest of a preset sets the trainer
+        MACConfig(**{k: v for k, v in preset.items() if k in fields})
     d = MACConfig()
     assert (d.dim, d.embed_dim, d.max_steps) == (512, 300, 12)
     dropouts = (d.stem_dropout, d.question_dropout, d.memory_dropout, d.output_dropout)

@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--dim", "16", "--embed-dim", "8", "--max-steps", "2", "--pixel-channels", "8", "8",
         "--batch-size", "16", "--log-every", "5"]
 COMMON = ["--data", "--out", "--epochs", "--iters", "--batch-size", "--lr", "--seed", "--device", "--resume",
-          "--init", "--eval-only", "--preset", "--clip", "--ema", "--workers"]
+          "--init", "--eval-only", "--preset", "--clip", "--ema", "--threads"]
 
 
 def train_mac(tiny_data, out, *flags):
