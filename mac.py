@@ -42,7 +42,7 @@ class MACConfig:
 PRESETS = {
     "laptop": dict(dim=64, embed_dim=64, max_steps=4, pixel_channels=(32, 64, 64),
                    stem_dropout=0.1, memory_dropout=0.1, output_dropout=0.1,
-                   lr=1e-3, batch_size=32, epochs=20, lr_patience=2, threads=1),
+                   lr=1e-3, batch_size=32, epochs=18, lr_patience=2, threads=1),
 }
 
 

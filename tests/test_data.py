@@ -300,3 +300,14 @@ def test_cli_generate_tiny(tmp_path):
     assert torch.allclose(batch["image"][0, -2, 0], torch.linspace(-1, 1, 4), atol=1e-3)  # x coordinate channel
     assert torch.allclose(batch["image"][0, -1, :, 0], torch.linspace(-1, 1, 4), atol=1e-3)  # y coordinate channel
     assert (tmp_path / "g" / "preview.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_scene_cnn_targets_put_each_object_in_its_cell():
+    rng = np.random.default_rng(5)
+    scenes = [data.sample_scene(rng, i, "train", 48) for i in range(30)]
+    t = data._cell_targets(scenes, 48, 6)  # (N, 4, 6, 6): -1 or the index of each attribute's value
+    for i, scene in enumerate(scenes):
+        for o in scene["objects"]:
+            gx, gy = int(o["pixel_coords"][0] / 8), int(o["pixel_coords"][1] / 8)
+            assert t[i, :, gy, gx].tolist() == [data.ATTRIBUTES[a].index(o[a]) for a in data.ATTR_ORDER]
+        assert (t[i, 0] >= 0).sum() <= len(scene["objects"])
