@@ -24,31 +24,14 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
+from dact import Toy, halt_dim, take  # the wrappers' shared row selection, halting-unit size and toy model
+
 
 @dataclass
 class ACTConfig:
     tau: float = 1e-3  # time penalty on the ponder cost; DACT paper's ACT grid 5e-5 .. 1e-2 (official configs)
     halt_eps: float = 0.01  # Sec. 2: halt once the summed h_n reach 1 - eps (official code: 1e-2)
     halt_max_steps: int = 0  # M, the most steps (0: the inner model's max_steps, i.e. MAC's --max-steps)
-
-
-def take(tree, idx):
-    """Rows `idx` of every tensor in a (nested) dict / tuple / list, batch first: one index op each."""
-    if isinstance(tree, torch.Tensor):
-        return tree.index_select(0, idx)
-    if isinstance(tree, dict):
-        return {k: take(v, idx) for k, v in tree.items()}
-    if isinstance(tree, (tuple, list)):
-        return type(tree)(take(v, idx) for v in tree)
-    return tree
-
-
-def halt_dim(inner):
-    """The size D of inner.halt_input(...): `inner.halt_dim` if the model says, else `inner.cfg.dim` (MAC)."""
-    dim = getattr(inner, "halt_dim", None) or getattr(getattr(inner, "cfg", None), "dim", None)
-    if not dim:
-        raise ValueError(f"{type(inner).__name__} must tell the size of halt_input(): set `halt_dim`")
-    return dim
 
 
 class ACT(nn.Module):
@@ -105,29 +88,6 @@ Config, Model = ACTConfig, ACT  # names the trainer's registry looks for
 
 
 if __name__ == "__main__":
-    class Toy(nn.Module):
-        """The smallest model with the step protocol: a GRU cell over a vector."""
-        max_steps, halt_dim = 6, 8
-
-        def __init__(self, num_answers=5):
-            super().__init__()
-            self.cell, self.out = nn.GRUCell(8, 8), nn.Linear(8, num_answers)
-
-        def encode(self, batch):
-            return {"x": batch["x"]}
-
-        def init_state(self, ctx):
-            return {"h": torch.zeros_like(ctx["x"])}
-
-        def step(self, ctx, state, t):
-            return {"h": self.cell(ctx["x"], state["h"])}
-
-        def classify(self, ctx, state):
-            return self.out(state["h"])
-
-        def halt_input(self, ctx, state):
-            return state["h"]
-
     torch.manual_seed(0)
     model = ACT(Toy(), ACTConfig(tau=1e-2))
     batch = {"x": torch.randn(16, 8), "answer": torch.randint(0, 5, (16,))}

@@ -15,6 +15,7 @@ Layout of a prepared data directory (what `train.py --data DIR` reads):
                               orig_idxs, question_families, answers (N,) int64
     {split}_images.h5         images (N, 3, S, S) uint8         (--images pixels)
     or any feature h5         features|data (N, 1024, 14, 14)  (--images features)
+    or {split}_features.h5    (N, 34, S/8, S/8) float16        (--images scene-cnn, the built-in default)
 
 A batch is a dict of tensors: image (B, C, H, W) float, question (B, Lq) long padded with 0,
 question_len (B,), program (B, Lp) prefix tokens, answer (B,) (-100 where unknown), family (B,),
@@ -602,7 +603,7 @@ def generate_split(rng, split, num_images, per_image, size, max_objects=5):
     for index in range(num_images):
         scene = sample_scene(rng, index, split, size, max_objects=max_objects)
         scenes.append(scene)
-        got, tried = 0, 0
+        got = 0
         for family in rng.permutation(len(FAMILIES)).tolist() * 3:
             if got == per_image:
                 break
@@ -890,7 +891,7 @@ class SceneCNN(torch.nn.Module):
         return self.body(x)
 
 
-def _cell_targets(scenes, size, grid):
+def _cell_targets(scenes, grid):
     """Per cell: -1 (no object centred there) or the index of each attribute's value. (N, 4, G, G)."""
     t = np.full((len(scenes), len(ATTR_ORDER), grid, grid), -1, dtype=np.int64)
     for i, scene in enumerate(scenes):
@@ -908,7 +909,7 @@ def scene_cnn_features(clevr_dir, out, size, channels=32, iters=1500, log=print,
     with h5py.File(out / "train_images.h5", "r") as f:
         pixels = torch.from_numpy(f["images"][:])  # (N, 3, S, S) uint8
     scenes = _load_json(clevr_dir / "scenes" / "CLEVR_train_scenes.json", "train scenes")["scenes"]
-    targets = _cell_targets(scenes, size, grid)  # (N, 4, G, G)
+    targets = _cell_targets(scenes, grid)  # (N, 4, G, G)
     gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     cnn = SceneCNN(channels)
