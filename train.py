@@ -199,7 +199,7 @@ def apply_preset(name, cfgs, modules, explicit, log):
             where = part if hasattr(cfgs[part], key) else "train"
             if not hasattr(cfgs[where], key):
                 fail(f"preset '{name}' of {mod.__name__} sets '{key}', which is neither a Config nor a trainer field")
-            paper = getattr(cfgs[where], key)
+            paper = getattr(type(cfgs[where])(), key)  # the dataclass default, before any flag
             cfgs[where] = with_values(cfgs[where], {key: value})
             given = explicit[where].get(key)
             changes.append(f"{key}={fmt(value)} (paper {fmt(paper)})" if given is None else
