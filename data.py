@@ -1409,7 +1409,7 @@ def prepare_gqa(gqa_dir, out=None, variant="balanced", val_split="testdev", log=
     out = Path(out) if out else gqa_dir / "prepared"
     if variant not in ("balanced", "all"):
         raise DataError(f"variant must be balanced or all, not {variant!r}")
-    sources = {"train": (("train", variant)), "val": (val_split, "balanced")}
+    sources = {"train": ("train", variant), "val": (val_split, "balanced")}
     files = {s: _gqa_question_files(gqa_dir, *src) for s, src in sources.items()}  # all there before work
     out.mkdir(parents=True, exist_ok=True)
     row_of = gqa_objects(gqa_dir, out / "objects.h5", log)
