@@ -223,11 +223,13 @@ def load_run(path, data_dir=None):
 
 
 def family_names(data_dir):
-    """Names of the built-in mini-CLEVR's question families; None for other data (indices only)."""
+    """Names of the question families: the built-in mini-CLEVR's, GQA's detailed types (info.json);
+    None for other data (indices only)."""
     d = Path(data_dir).resolve()
     if d in {(data.builtin_dir(tiny) / "prepared").resolve() for tiny in (False, True)}:
         return [f[0] for f in data.FAMILIES]
-    return None
+    info = d / "info.json"
+    return json.loads(info.read_text()).get("family_names") if info.exists() else None
 
 
 @torch.no_grad()

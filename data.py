@@ -3,6 +3,9 @@ generator, clevr-iep style preprocessing, and the batch loader that every model 
 
     python data.py generate [--out DIR] [--tiny]          # built-in mini-CLEVR, CLEVR layout + prepared/
     python data.py prepare CLEVR_DIR --out DIR [--images pixels|features] [--size N]
+    python data.py features CLEVR_DIR --out DIR [--float16] [--clevr-iep-std]   # ResNet-101 layer3, resumable
+    python data.py humans HUMANS_DIR --clevr PREPARED_CLEVR --out DIR      # CLEVR-Humans on CLEVR's vocab
+    python data.py gqa GQA_DIR [--variant balanced|all]                    # GQA -> GQA_DIR/prepared
 
 CLEVR: Johnson et al., "CLEVR: A Diagnostic Dataset for Compositional Language and Elementary
 Visual Reasoning", CVPR 2017 (facebookresearch/clevr-dataset-gen). The preprocessed format follows
@@ -16,10 +19,12 @@ Layout of a prepared data directory (what `train.py --data DIR` reads):
     {split}_images.h5         images (N, 3, S, S) uint8         (--images pixels)
     or any feature h5         features|data (N, 1024, 14, 14)  (--images features)
     or {split}_features.h5    (N, 34, S/8, S/8) float16        (--images scene-cnn, the built-in default)
+    or objects.h5             features (N, 100, 2048), boxes (N, 100, 4), num_objects (N,)  (GQA)
 
 A batch is a dict of tensors: image (B, C, H, W) float, question (B, Lq) long padded with 0,
 question_len (B,), program (B, Lp) prefix tokens, answer (B,) (-100 where unknown), family (B,),
-kind (B,) index into QUESTION_KINDS (-1 unknown), image_index (B,).
+kind (B,) index into QUESTION_KINDS (-1 unknown), image_index (B,). With object features (GQA) image
+is (B, O, F), plus boxes (B, O, 4) and num_objects (B,).
 """
 import argparse
 import hashlib
@@ -727,11 +732,11 @@ def _encode(tokens, to_idx, unk_ok, what):
     return ids + [END]
 
 
-def encode_questions(questions, vocab, path):
+def encode_questions(questions, vocab, path, tokenizer=tokenize):
     """Write a clevr-iep questions h5. `programs` (prefix) and `answers` are written only when
     every question has them (the CLEVR test split has neither)."""
     qv, pv, av = (vocab[k] for k in ("question_token_to_idx", "program_token_to_idx", "answer_token_to_idx"))
-    qs = [_encode(tokenize(q["question"]), qv, True, "question") for q in questions]
+    qs = [_encode(tokenizer(q["question"]), qv, True, "question") for q in questions]
     has_programs = all("program" in q for q in questions)
     has_answers = all("answer" in q for q in questions)
     unk = sum(t == UNK for q in qs for t in q) / max(sum(len(q) - 2 for q in qs), 1)
@@ -966,6 +971,8 @@ def resolve(data_dir):
             return d
     hint = (f"it looks like a CLEVR folder: run `python data.py prepare {data_dir} --out {data_dir}/prepared`"
             if (data_dir / "questions").is_dir() else "expected vocab.json and info.json from `python data.py prepare`")
+    if (data_dir / "features" / "objects").is_dir():
+        hint = f"it looks like a GQA folder: run `python data.py gqa {data_dir}`"
     raise DataError(f"{data_dir}: not a prepared data directory; {hint}")
 
 
@@ -975,7 +982,7 @@ def load_info(data_dir):
     vocab, info = _load_json(d / "vocab.json", "vocabulary"), _load_json(d / "info.json", "data info")
     split = "train" if "train" in info["images"] else next(iter(info["images"]))
     path = d / info["images"][split]
-    if info["image_kind"] == "features":
+    if info["image_kind"] in ("features", "objects"):
         name = check_features(path, shape=info.get("feature_shape", (1024, 14, 14)))
     else:
         name = "images"
@@ -985,7 +992,7 @@ def load_info(data_dir):
     return {"num_words": len(vocab["question_token_to_idx"]), "num_answers": len(answers),
             "num_program_tokens": len(vocab["program_token_to_idx"]), "image_kind": info["image_kind"],
             "image_shape": shape, "vocab_hash": vocab_hash(vocab), "answers": answers,
-            "splits": list(info["images"]), "data_dir": str(d)}
+            "splits": list(info["images"]), "data_dir": str(d), "dataset": info.get("dataset", "CLEVR")}
 
 
 class Split:
@@ -1020,6 +1027,9 @@ class Split:
                             f"{self.image_idxs.max()}; the image file belongs to another split or dataset")
         if self.images.size * self.images.dtype.itemsize <= max_memory:
             self.images = self.images[:]
+        self.objects = None  # GQA: boxes (N, O, 4) read per batch, num_objects (N,) in memory
+        if info["image_kind"] == "objects":
+            self.objects = {"boxes": self.file["boxes"], "num_objects": self.file["num_objects"][:]}
 
     def __len__(self):
         return len(self.questions)
@@ -1038,9 +1048,12 @@ class Split:
         prog = self.programs[idx]
         P = max(int((prog != NULL).sum(1).max()), 1)
         t = torch.from_numpy
-        return {"image": image, "question": t(self.questions[idx, :L]), "question_len": t(self.lengths[idx]),
-                "program": t(prog[:, :P]), "answer": t(self.answers[idx]), "family": t(self.families[idx]),
-                "kind": t(self.kinds[idx]), "image_index": t(img_idx)}
+        out = {"image": image, "question": t(self.questions[idx, :L]), "question_len": t(self.lengths[idx]),
+               "program": t(prog[:, :P]), "answer": t(self.answers[idx]), "family": t(self.families[idx]),
+               "kind": t(self.kinds[idx]), "image_index": t(img_idx)}
+        if self.objects is not None:
+            out.update({k: t(_rows(v, img_idx)) for k, v in self.objects.items()})
+        return out
 
 
 class Loader:
@@ -1097,6 +1110,364 @@ def ensure_builtin(tiny=False, log=print):
 
 
 # ------------------------------------------------------------------------------------------------
+# Real datasets at full fidelity: ResNet-101 features of CLEVR's PNGs, CLEVR-Humans, GQA
+# ------------------------------------------------------------------------------------------------
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+# clevr-iep's scripts/extract_features.py divides by (0.229, 0.224, 0.224): a typo for ImageNet's
+# 0.225 that its released checkpoints were trained with. --clevr-iep-std reproduces it.
+CLEVR_IEP_STD = (0.229, 0.224, 0.224)
+
+
+def resnet101_layer3():
+    """torchvision's ImageNet ResNet-101 through layer3 (stride 16: 224 x 224 -> 1024 x 14 x 14), as
+    clevr-iep. torchvision is needed here only, so it is imported here only."""
+    try:
+        import torchvision
+    except ImportError:
+        raise DataError("extracting ResNet-101 features needs torchvision: pip install torchvision "
+                        "(the ImageNet weights, about 170 MB, download on first use)") from None
+    net = torchvision.models.resnet101(weights="IMAGENET1K_V1")  # the original torchvision weights
+    return torch.nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool, net.layer1, net.layer2, net.layer3)
+
+
+def read_rgb(path):
+    """One image file -> (H, W, 3) uint8 (CLEVR's PNGs are RGBA: alpha is dropped). Needs Pillow."""
+    try:
+        from PIL import Image
+    except ImportError:
+        raise DataError("reading CLEVR's PNG images needs Pillow: pip install pillow") from None
+    with Image.open(path) as im:
+        return np.asarray(im.convert("RGB"))
+
+
+def clevr_image_files(clevr_dir, split):
+    """images/{split}/CLEVR_{split}_NNNNNN.png in image_index order; every index from 0 must be there."""
+    folder = Path(clevr_dir) / "images" / split
+    found = {}
+    for p in folder.glob(f"CLEVR_{split}_*.png"):
+        tail = p.stem.rsplit("_", 1)[1]
+        if tail.isdigit():
+            found[int(tail)] = p
+    if not found:
+        raise DataError(f"{folder}: no CLEVR_{split}_NNNNNN.png images; expected the CLEVR_v1.0 layout")
+    missing = sorted(set(range(max(found) + 1)) - set(found))
+    if missing:
+        raise DataError(f"{folder}: {len(missing)} of {max(found) + 1} images are missing, e.g. "
+                        f"CLEVR_{split}_{missing[0]:06d}.png; feature row i must be image i")
+    return [found[i] for i in range(len(found))]
+
+
+def preprocess_image(rgb, size, mean, std):
+    """(H, W, 3) uint8 -> (3, size, size) float, as clevr-iep: bicubic resize to size x size, back to
+    uint8, / 255, minus the ImageNet mean, over the std.
+    NOTE (deviation): torch's antialiased bicubic resize instead of scipy's imresize (PIL bicubic):
+    close to, not bit-identical with, clevr-iep's pixels."""
+    x = torch.from_numpy(np.ascontiguousarray(rgb[..., :3])).permute(2, 0, 1)[None].float()  # (1, 3, H, W)
+    x = torch.nn.functional.interpolate(x, size=(size, size), mode="bicubic", antialias=True, align_corners=False)
+    x = x.round().clamp(0, 255)[0] / 255                                     # (3, size, size)
+    return (x - torch.tensor(mean)[:, None, None]) / torch.tensor(std)[:, None, None]
+
+
+class Progress:
+    """A progress bar with rate and ETA: redrawn in place on a terminal, a log line every `every`
+    seconds otherwise (a log file of a long job)."""
+
+    def __init__(self, total, done=0, what="images", log=print, every=60.0):
+        self.total, self.start, self.what, self.log, self.every = total, done, what, log, every
+        self.t0 = self.last = time.time()
+        self.tty = sys.stderr.isatty() and log is print
+
+    def update(self, done):
+        now = time.time()
+        rate = (done - self.start) / max(now - self.t0, 1e-9)
+        eta = (self.total - done) / rate if rate > 0 else float("inf")
+        bar = "#" * int(30 * done / max(self.total, 1))
+        line = (f"[{bar:30s}] {done}/{self.total} {self.what} ({100 * done / max(self.total, 1):.1f}%), "
+                f"{rate:.1f}/s, ETA {time.strftime('%H:%M:%S', time.gmtime(eta)) if eta < 8.64e6 else '?'}")
+        if self.tty:
+            print("\r" + line, end="\n" if done >= self.total else "", file=sys.stderr, flush=True)
+        elif now - self.last >= self.every or done >= self.total:
+            self.log("    " + line)
+            self.last = now
+
+
+def extract_features(paths, out, backbone, batch_size=128, read_image=None, std=IMAGENET_STD,
+                     dtype="float32", size=224, device="cpu", workers=4, log=print):
+    """Images `paths` -> `out`, an h5 with dataset `features` (N, C, h, w) (ResNet-101 layer3: 1024 x 14 x
+    14), row i = paths[i]: the layout that `check_features` and `prepare --images features` read.
+
+    Resumable: rows go to `out`.partial with an attribute `done` (rows written so far, set after each
+    batch is written and flushed); a later call with the same images and settings continues from
+    there, and the file is renamed to `out` when complete. Works with fewer images than one batch
+    (clevr-iep's extractor crashes there). `backbone` maps (B, 3, size, size) to features; tests
+    pass a small stand-in, the command line `resnet101_layer3()`. Images are read `workers` at a time
+    in threads, one batch ahead of the backbone."""
+    from concurrent.futures import ThreadPoolExecutor
+    out, paths, read_image = Path(out), [str(p) for p in paths], read_image or read_rgb
+    partial = out.with_name(out.name + ".partial")
+    settings = {"num_images": len(paths), "image_size": size, "mean": list(IMAGENET_MEAN), "std": list(std),
+                "dtype": np.dtype(dtype).name,
+                "files": hashlib.sha1("\n".join(Path(p).name for p in paths).encode()).hexdigest()[:12]}
+    if out.exists():
+        log(f"  {out} exists: skipped (delete it to extract again)")
+        return out
+    if partial.exists():
+        try:
+            f = h5py.File(partial, "r+")
+        except OSError as e:
+            raise DataError(f"{partial}: an unreadable partial feature file ({e}), perhaps from a crash "
+                            "mid-write; delete it to start this split again") from None
+        saved = {k: json.loads(f.attrs["settings"]).get(k) for k in settings} if "settings" in f.attrs else {}
+        if saved != settings:
+            f.close()
+            changed = sorted(k for k in settings if saved.get(k) != settings[k])
+            raise DataError(f"{partial} was started with other settings ({', '.join(changed)} differ); "
+                            "delete it to start again with these")
+    else:
+        f = h5py.File(partial, "w")
+        f.attrs["settings"], f.attrs["done"] = json.dumps(settings), 0
+    backbone = backbone.to(device).eval()
+    with f, ThreadPoolExecutor(max(workers, 1)) as pool:
+        done = int(f.attrs["done"])
+        log(f"  {out.name}: {len(paths)} images" + (f", resuming after {done}" if done else ""))
+        progress = Progress(len(paths), done, log=log)
+        starts = list(range(done, len(paths), batch_size))
+        ahead = [pool.submit(read_image, p) for p in paths[done:done + batch_size]]
+        for start in starts:
+            images, nxt = [a.result() for a in ahead], start + batch_size
+            ahead = [pool.submit(read_image, p) for p in paths[nxt:nxt + batch_size]]  # read the next batch meanwhile
+            x = torch.stack([preprocess_image(im, size, IMAGENET_MEAN, std) for im in images]).to(device)
+            with torch.inference_mode():
+                feats = backbone(x).float().cpu().numpy()                   # (b, C, h, w)
+            if "features" not in f:
+                f.create_dataset("features", (len(paths), *feats.shape[1:]), dtype=dtype,
+                                 chunks=(1, *feats.shape[1:]))
+            if f["features"].shape[1:] != feats.shape[1:]:
+                raise DataError(f"{partial} holds features {f['features'].shape[1:]}, this backbone gives "
+                                f"{feats.shape[1:]}; delete it to start again with this backbone")
+            f["features"][start:start + len(feats)] = feats.astype(dtype)
+            f.flush()  # the rows are on disk before `done` says so
+            f.attrs["done"] = start + len(feats)
+            f.flush()
+            progress.update(start + len(feats))
+    os.replace(partial, out)
+    return out
+
+
+def extract_clevr_features(clevr_dir, out_dir, backbone=None, splits=None, clevr_iep_std=False, **kw):
+    """CLEVR_v1.0/images/{split}/*.png -> out_dir/{split}_features.h5 for every split found."""
+    clevr_dir, out_dir = Path(clevr_dir), Path(out_dir)
+    splits = splits or [s for s in ("train", "val", "test") if (clevr_dir / "images" / s).is_dir()]
+    if not splits:
+        raise DataError(f"{clevr_dir}/images has no train/, val/ or test/ folder; expected the CLEVR_v1.0 layout")
+    files = {s: clevr_image_files(clevr_dir, s) for s in splits}  # check every split before hours of work
+    backbone = backbone if backbone is not None else resnet101_layer3()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    std = CLEVR_IEP_STD if clevr_iep_std else IMAGENET_STD
+    return {s: extract_features(files[s], out_dir / f"{s}_features.h5", backbone, std=std, **kw) for s in splits}
+
+
+# -- CLEVR-Humans: human-written questions on CLEVR's images, no programs ---------------------------
+
+def prepare_humans(humans_dir, clevr_prepared, out, log=print):
+    """CLEVR-Humans-{train,val,test}.json -> a prepared directory on the vocabulary of an existing
+    prepared CLEVR (copied unchanged, so a CLEVR checkpoint fine-tunes on it with --init): words CLEVR
+    never had become <UNK> (the rate is reported), and each question reads the CLEVR images of the split
+    its image_filename names, through the prepared CLEVR's image files.
+    NOTE (deviation): clevr-iep instead adds words seen at least 10 times to the vocabulary
+    (--expand_vocab 1 --unk_threshold 10), which changes the embedding's size."""
+    from collections import Counter
+    humans_dir, out = Path(humans_dir), Path(out)
+    clevr = resolve(clevr_prepared)
+    vocab, cinfo = _load_json(clevr / "vocab.json", "vocabulary"), _load_json(clevr / "info.json", "data info")
+    splits = {s: humans_dir / f"CLEVR-Humans-{s}.json" for s in ("train", "val", "test")}
+    splits = {s: p for s, p in splits.items() if p.exists()}
+    if not splits:
+        raise DataError(f"{humans_dir}: no CLEVR-Humans-{{train,val,test}}.json")
+    out.mkdir(parents=True, exist_ok=True)
+    info = {k: v for k, v in cinfo.items() if k not in ("images", "source")}
+    info.update(dataset="CLEVR-Humans", images={}, source=str(humans_dir.resolve()), vocab_from=str(clevr.resolve()))
+    qv, av, stats = vocab["question_token_to_idx"], vocab["answer_token_to_idx"], {}
+    for s, path in splits.items():
+        doc = _load_json(path, f"CLEVR-Humans {s} questions")
+        if not isinstance(doc, dict) or not isinstance(doc.get("questions"), list):
+            raise DataError(f"{path}: expected a JSON object with a 'questions' list")
+        questions, image_splits = [], set()
+        for i, q in enumerate(doc["questions"]):
+            name = q.get("image_filename", "")
+            parts = Path(name).stem.split("_")  # CLEVR_{split}_{index}
+            if len(parts) != 3 or not parts[2].isdigit():
+                raise DataError(f"{path}: question {i} has image_filename {name!r}; expected CLEVR_split_NNNNNN.png")
+            image_splits.add(parts[1])
+            questions.append({"question": q["question"], "answer": q.get("answer"), "image_index": int(parts[2]),
+                              "question_index": q.get("question_index", i)})
+            if questions[-1]["answer"] is None:
+                del questions[-1]["answer"]
+        if len(image_splits) != 1:
+            raise DataError(f"{path}: questions on the images of several CLEVR splits ({sorted(image_splits)})")
+        image_split = image_splits.pop()
+        if image_split not in cinfo["images"]:
+            raise DataError(f"{path} asks about CLEVR {image_split} images, but {clevr} has no {image_split} split; "
+                            f"prepare CLEVR's {image_split} split too")
+        unk = encode_questions(questions, vocab, out / f"{s}_questions.h5")
+        new_words = Counter(t for q in questions for t in tokenize(q["question"]) if t not in qv)
+        bad_answers = sum("answer" in q and q["answer"] not in av for q in questions)
+        info["images"][s] = str((clevr / cinfo["images"][image_split]).resolve())
+        stats[s] = {"questions": len(questions), "unk_rate": unk, "new_words": dict(new_words.most_common()),
+                    "answers_not_in_vocab": bad_answers, "images_of": image_split}
+        log(f"  {s}: {len(questions)} questions on CLEVR {image_split} images, {100 * unk:.2f}% <UNK> words"
+            + (f" (most frequent: {', '.join(w for w, _ in new_words.most_common(8))})" if new_words else "")
+            + (f"; {bad_answers} answers outside CLEVR's answers (encoded <UNK>)" if bad_answers else ""))
+    shutil.copyfile(clevr / "vocab.json", out / "vocab.json")  # byte for byte: the same vocabulary hash
+    (out / "info.json").write_text(json.dumps(info, indent=1))
+    (out / "humans_stats.json").write_text(json.dumps(stats, indent=1))
+    log(f"prepared CLEVR-Humans {', '.join(splits)} -> {out} (vocabulary of {clevr})")
+    return out, stats
+
+
+# -- GQA, as the DACT code reads it (ceyzaguirre4/DACT-MAC preprocess_GQA.py, dataset.py) ------------
+#   GQA_DIR/questions/{split}_{all|balanced}_questions.json, or a folder of such files (train_all)
+#   GQA_DIR/features/objects/gqa_objects_{0..15}.h5: features (n, 100, 2048), bboxes (n, 100, 4) pixels
+#   GQA_DIR/features/objects/gqa_objects_info.json: imageId -> {file, idx, objectsNum, width, height}
+
+def tokenize_gqa(text):
+    """Lowercase; words, clitics ('s) and punctuation as tokens.
+    NOTE (deviation): the DACT code uses nltk.word_tokenize; this regex agrees on GQA's plain questions
+    but splits "don't" as don / 't (nltk: do / n't)."""
+    import re
+    return re.findall(r"\w+|'\w+|[^\w\s]", text.lower())
+
+
+def _gqa_question_files(gqa_dir, split, variant):
+    for folder in ("questions", "questions1.2", "."):
+        base = Path(gqa_dir) / folder / f"{split}_{variant}_questions"
+        if base.is_dir():
+            return sorted(base.glob("*.json"))
+        if base.with_name(base.name + ".json").exists():
+            return [base.with_name(base.name + ".json")]
+    raise DataError(f"{gqa_dir}/questions: no {split}_{variant}_questions.json (or folder of them); "
+                    "expected the GQA layout that the DACT code reads (README, 'Real datasets')")
+
+
+def gqa_objects(gqa_dir, out, log=print):
+    """The object features of all images as one h5 without copying them: `features` (N, 100, 2048) is
+    a virtual dataset over gqa_objects_*.h5 (absolute paths: keep GQA_DIR where it is), next to
+    `boxes` (N, 100, 4) in [0, 1] (x1, y1, x2, y2 over width and height) and `num_objects` (N,).
+    Returns {imageId: row}."""
+    odir = Path(gqa_dir) / "features" / "objects"
+    meta = _load_json(odir / "gqa_objects_info.json", "GQA object features info")
+    files = sorted((p for p in odir.glob("gqa_objects_*.h5") if p.stem.rsplit("_", 1)[1].isdigit()),
+                   key=lambda p: int(p.stem.rsplit("_", 1)[1]))
+    if not files:
+        raise DataError(f"{odir}: no gqa_objects_N.h5 files; download GQA's object features and unpack them there")
+    offsets, shape, rows = {}, None, 0
+    for p in files:
+        with h5py.File(p, "r") as f:
+            if "features" not in f or f["features"].ndim != 3:
+                raise DataError(f"{p}: expected a dataset 'features' (n, objects, 2048)")
+            if shape is not None and f["features"].shape[1:] != shape:
+                raise DataError(f"{p}: features {f['features'].shape[1:]}, but {files[0]} has {shape}")
+            shape, dtype = f["features"].shape[1:], f["features"].dtype
+            offsets[int(p.stem.rsplit("_", 1)[1])] = (rows, f["features"].shape[0])
+            rows += f["features"].shape[0]
+    layout = h5py.VirtualLayout((rows, *shape), dtype)
+    boxes, num = np.zeros((rows, shape[0], 4), np.float32), np.zeros(rows, np.int64)
+    where = {}
+    for image_id, m in meta.items():
+        if m["file"] not in offsets or m["idx"] >= offsets[m["file"]][1]:
+            raise DataError(f"{odir}/gqa_objects_info.json: image {image_id} is at row {m['idx']} of file "
+                            f"{m['file']}, which is not there; the info and the h5 files do not match")
+        where[image_id] = offsets[m["file"]][0] + m["idx"]
+    for p in files:
+        start, n = offsets[int(p.stem.rsplit("_", 1)[1])]
+        layout[start:start + n] = h5py.VirtualSource(str(p.resolve()), "features", shape=(n, *shape))
+        with h5py.File(p, "r") as f:
+            if "bboxes" in f:
+                boxes[start:start + n] = f["bboxes"][:]
+    for image_id, m in meta.items():
+        r = where[image_id]
+        boxes[r] /= np.array([m["width"], m["height"]] * 2, np.float32)
+        num[r] = m["objectsNum"]
+    with h5py.File(out, "w") as f:
+        f.create_virtual_dataset("features", layout)
+        f.create_dataset("boxes", data=boxes)
+        f.create_dataset("num_objects", data=num)
+    log(f"  objects: {len(meta)} images, {shape[0]} x {shape[1]} features per image in {len(files)} files "
+        f"(virtual dataset, nothing copied)")
+    return where
+
+
+def prepare_gqa(gqa_dir, out=None, variant="balanced", val_split="testdev", log=print):
+    """GQA -> a prepared directory (default GQA_DIR/prepared, so `train.py --data GQA_DIR` finds it).
+    train = {train}_{variant}; val = {val_split}_balanced (the DACT code validates on testdev balanced).
+    Words and answers come from the train questions ('<UNK>' elsewhere); there are no programs; each
+    question's family is its GQA `types.detailed` (names in info.json)."""
+    from collections import Counter
+    gqa_dir = Path(gqa_dir)
+    out = Path(out) if out else gqa_dir / "prepared"
+    if variant not in ("balanced", "all"):
+        raise DataError(f"variant must be balanced or all, not {variant!r}")
+    sources = {"train": ("train", variant), "val": (val_split, "balanced")}
+    files = {s: _gqa_question_files(gqa_dir, *src) for s, src in sources.items()}  # all there before work
+    out.mkdir(parents=True, exist_ok=True)
+    row_of = gqa_objects(gqa_dir, out / "objects.h5", log)
+    raw = {}
+    for s, paths in files.items():
+        raw[s] = []
+        for path in paths:
+            doc = _load_json(path, f"GQA {s} questions")
+            if not isinstance(doc, dict):
+                raise DataError(f"{path}: expected a JSON object {{question id: question}}")
+            raw[s] += [(qid, q) for qid, q in doc.items()]
+    words = Counter(t for _, q in raw["train"] for t in tokenize_gqa(q["question"]))
+    answers = Counter(q["answer"] for _, q in raw["train"] if "answer" in q)
+    index = lambda names: {**SPECIALS, **{t: len(SPECIALS) + i for i, t in enumerate(sorted(set(names) - set(SPECIALS)))}}
+    vocab = {"question_token_to_idx": index(words), "program_token_to_idx": dict(SPECIALS),
+             "answer_token_to_idx": index(answers)}
+    families = sorted({q.get("types", {}).get("detailed") for qs in raw.values() for _, q in qs} - {None})
+    family_of = {f: i for i, f in enumerate(families)}
+    for s, qs in raw.items():
+        missing = [q["imageId"] for _, q in qs if q["imageId"] not in row_of]
+        if missing:
+            raise DataError(f"{len(missing)} {s} questions ask about images without object features, e.g. "
+                            f"{missing[0]}; is gqa_objects_info.json from the same release?")
+        questions = [{"question": q["question"], "image_index": row_of[q["imageId"]],
+                      "question_index": int(qid) if qid.isdigit() else i,
+                      "question_family_index": family_of.get(q.get("types", {}).get("detailed"), -1),
+                      **({"answer": q["answer"]} if "answer" in q else {})} for i, (qid, q) in enumerate(qs)]
+        unk = encode_questions(questions, vocab, out / f"{s}_questions.h5", tokenizer=tokenize_gqa)
+        unseen = sum(q.get("answer") not in vocab["answer_token_to_idx"] for q in questions if "answer" in q)
+        log(f"  {s} ({'/'.join(p.name for p in files[s][:3])}{'...' if len(files[s]) > 3 else ''}): "
+            f"{len(questions)} questions, {100 * unk:.2f}% <UNK> words"
+            + (f", {unseen} answers never seen in train" if unseen else ""))
+    (out / "vocab.json").write_text(json.dumps(vocab, indent=1))
+    with h5py.File(out / "objects.h5", "r") as f:
+        shape = list(f["features"].shape[1:])
+    info = {"dataset": "GQA", "image_kind": "objects", "images": {"train": "objects.h5", "val": "objects.h5"},
+            "feature_shape": shape, "family_names": families, "source": str(gqa_dir.resolve()),
+            "questions_from": {s: f"{a}_{b}" for s, (a, b) in sources.items()}}
+    (out / "info.json").write_text(json.dumps(info, indent=1))
+    log(f"prepared GQA ({variant}, val = {val_split} balanced): {len(vocab['question_token_to_idx'])} words, "
+        f"{len(vocab['answer_token_to_idx'])} answers -> {out}")
+    return out
+
+
+def dataset_name(data_dir):
+    """'GQA', 'CLEVR-Humans' or 'CLEVR' (the default, mini-CLEVR included): what info.json says."""
+    return _load_json(resolve(data_dir) / "info.json", "data info").get("dataset", "CLEVR")
+
+
+def _rows(dset, idx):
+    """dset[idx] for an array or an h5 dataset (which wants increasing, unique indices)."""
+    if isinstance(dset, np.ndarray):
+        return dset[idx]
+    uniq, inverse = np.unique(idx, return_inverse=True)
+    return dset[uniq][inverse]
+
+
+# ------------------------------------------------------------------------------------------------
 # Command line
 # ------------------------------------------------------------------------------------------------
 
@@ -1120,6 +1491,27 @@ def main(argv=None):
     r.add_argument("--size", type=int, default=64, help="pixels: resize images to SIZE x SIZE")
     r.add_argument("--features-dir", help="features: folder with {split}_features.h5 (default: CLEVR_DIR)")
     r.add_argument("--vocab", help="encode with this existing vocab.json instead of building one")
+    x = sub.add_parser("features", help="ResNet-101 layer3 features of CLEVR's PNGs (needs torchvision, Pillow)")
+    x.add_argument("clevr_dir")
+    x.add_argument("--out", required=True, help="writes {split}_features.h5 here (prepare --features-dir)")
+    x.add_argument("--splits", nargs="+", choices=("train", "val", "test"), help="default: every split found")
+    x.add_argument("--batch-size", type=int, default=128, help="images per forward pass (clevr-iep: 128)")
+    x.add_argument("--float16", action="store_true", help="store float16: half the disk (about 40 GB instead of 80)")
+    x.add_argument("--clevr-iep-std", action="store_true",
+                   help=f"normalise with clevr-iep's std {CLEVR_IEP_STD} (its 0.224 typo for ImageNet's 0.225), "
+                        "to match features and checkpoints made with clevr-iep")
+    x.add_argument("--device", default="auto", help="auto: cuda if available, else cpu")
+    x.add_argument("--workers", type=int, default=8, help="threads reading PNGs")
+    h = sub.add_parser("humans", help="CLEVR-Humans questions onto a prepared CLEVR's vocabulary and images")
+    h.add_argument("humans_dir", help="folder with CLEVR-Humans-{train,val,test}.json")
+    h.add_argument("--clevr", required=True, help="the prepared CLEVR directory whose checkpoint you fine-tune")
+    h.add_argument("--out", required=True)
+    q = sub.add_parser("gqa", help="GQA questions and object features (the DACT code's layout) -> prepared")
+    q.add_argument("gqa_dir")
+    q.add_argument("--out", help="default: GQA_DIR/prepared (then train.py --data GQA_DIR finds it)")
+    q.add_argument("--variant", choices=("balanced", "all"), default="balanced", help="training questions")
+    q.add_argument("--val-split", choices=("testdev", "val"), default="testdev",
+                   help="questions for validation, balanced (DACT code: testdev)")
     args = p.parse_args(argv)
     try:
         if args.cmd == "generate":
@@ -1131,6 +1523,18 @@ def main(argv=None):
             size = args.image_size or BUILTIN["tiny" if args.tiny else "default"]["image_size"]
             prepare(args.out, Path(args.out) / "prepared", images="scene-cnn", size=size)
             print(f"train with: python train.py mac --data {args.out}")
+        elif args.cmd == "features":
+            device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+            extract_clevr_features(args.clevr_dir, args.out, splits=args.splits, clevr_iep_std=args.clevr_iep_std,
+                                   batch_size=args.batch_size, dtype="float16" if args.float16 else "float32",
+                                   device=device, workers=args.workers)
+            print(f"next: python data.py prepare {args.clevr_dir} --out DIR --images features --features-dir {args.out}")
+        elif args.cmd == "humans":
+            prepare_humans(args.humans_dir, args.clevr, args.out)
+            print(f"fine-tune with: python train.py mac --data {args.out} --init CLEVR_RUN/best.pt")
+        elif args.cmd == "gqa":
+            out = prepare_gqa(args.gqa_dir, args.out, args.variant, args.val_split)
+            print(f"train with: python train.py mac --data {out}")
         else:
             prepare(args.clevr_dir, args.out, args.images, args.size, args.vocab, args.features_dir)
     except DataError as e:

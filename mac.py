@@ -10,7 +10,7 @@ Equation numbers follow the arXiv version of the paper.
 
 Shapes:
     B  batch               L  question tokens (incl. <START>/<END>, padded with 0)
-    K  = H*W knowledge cells (14*14 = 196 for ResNet features)
+    K  = H*W knowledge cells (14*14 = 196 for ResNet features), or objects (up to 100 on GQA)
     D  hidden size (cfg.dim)    E  word-embedding size    T  reasoning steps    A  answers
 """
 import math
@@ -35,6 +35,7 @@ class MACConfig:
     memory_gate: bool = False              # Sec. 3.2.3: write-unit memory gate, Eq. (9); off for CLEVR
     pixel_channels: tuple = (32, 64, 128)  # NOTE (deviation): pixel stem, see PixelStem
     coord_conv: bool = True                # NOTE (deviation): CoordConv, see PixelStem
+    object_boxes: bool = False             # NOTE (deviation): GQA: append each object's box to its features
 
 
 # Smaller sizes for a ~15-minute CPU run on the built-in mini-CLEVR (not from the paper; measured in
@@ -43,6 +44,9 @@ PRESETS = {
     "laptop": dict(dim=64, embed_dim=64, max_steps=4, pixel_channels=(32, 64, 64),
                    stem_dropout=0.1, memory_dropout=0.1, output_dropout=0.1,
                    lr=1e-3, batch_size=32, epochs=18, lr_patience=2, threads=1),
+    # GQA, as the DACT code trains MAC on it (config/gqa_defaults.py; DACT paper Sec. 5): 4 steps,
+    # 5 epochs; train.py picks it when the data's info.json says GQA
+    "gqa": dict(max_steps=4, epochs=5),
 }
 
 
@@ -100,6 +104,20 @@ class PixelStem(nn.Module):
         return F.elu(self.out(self.drop(x)))                             # (B, D, H', W')
 
 
+class ObjectStem(nn.Module):
+    """Object features (B, K, F) -> (B, K, D): the feature stem with 1x1 kernels, as the DACT code on
+    GQA (STEM_FILTER_SIZE 1): a 1x1 conv over objects is a Linear on each object's vector."""
+
+    def __init__(self, cfg, in_features):
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Dropout(cfg.stem_dropout), nn.Linear(in_features, cfg.dim), nn.ELU(),
+            nn.Dropout(cfg.stem_dropout), nn.Linear(cfg.dim, cfg.dim), nn.ELU())
+
+    def forward(self, x):
+        return self.net(x)
+
+
 class InputUnit(nn.Module):
     """Image -> knowledge base k (B, K, D); question -> contextual words cw (B, L, D) and q (B, D)."""
 
@@ -107,14 +125,26 @@ class InputUnit(nn.Module):
         super().__init__()
         assert cfg.dim % 2 == 0, "the BiLSTM gives dim // 2 per direction"
         C = info["image_shape"][0]
-        self.stem = PixelStem(cfg, C) if info["image_kind"] == "pixels" else FeatureStem(cfg, C)
+        self.objects = info["image_kind"] == "objects"                  # image (B, K, F): GQA's objects
+        self.boxes = self.objects and cfg.object_boxes
+        if self.objects:
+            self.stem = ObjectStem(cfg, info["image_shape"][-1] + 4 * cfg.object_boxes)
+        else:
+            self.stem = PixelStem(cfg, C) if info["image_kind"] == "pixels" else FeatureStem(cfg, C)
         self.embed = nn.Embedding(info["num_words"], cfg.embed_dim, padding_idx=0)
         self.lstm = nn.LSTM(cfg.embed_dim, cfg.dim // 2, batch_first=True, bidirectional=True)
         self.q_drop = nn.Dropout(cfg.question_dropout)
 
-    def forward(self, image, question, question_len):
-        k = self.stem(image)                                             # (B, D, H', W')
-        k = k.flatten(2).transpose(1, 2)                                 # (B, K, D)
+    def forward(self, image, question, question_len, boxes=None):
+        if self.objects:
+            if self.boxes:
+                if boxes is None:
+                    raise ValueError("object_boxes is on, but the batch has no 'boxes'")
+                image = torch.cat([image, boxes.to(image.dtype)], dim=-1)  # (B, K, F + 4)
+            k = self.stem(image)                                         # (B, K, D)
+        else:
+            k = self.stem(image)                                         # (B, D, H', W')
+            k = k.flatten(2).transpose(1, 2)                             # (B, K, D)
         L = question.size(1)
         lens = question_len.clamp(min=1).cpu()
         packed = pack_padded_sequence(self.embed(question), lens, batch_first=True, enforce_sorted=False)
@@ -166,13 +196,15 @@ class ReadUnit(nn.Module):
         D = k_proj.size(-1)
         return k_proj, F.linear(k_proj, self.concat.weight[:, D:], self.concat.bias)  # (B, K, D)
 
-    def forward(self, m_prev, k, k_proj, k_half, c_i):
+    def forward(self, m_prev, k, k_proj, k_half, c_i, k_mask=None):
         I = self.mem_proj(m_prev)[:, None] * k_proj                      # (B, K, D) Eq. (4)
         # official code: concatenates the projected k (the paper writes the raw k_{h,w});
         # W [I; W_k k] = W_I I + (W_k-half, precomputed in k_half)
         I = F.linear(I, self.concat.weight[:, :I.size(-1)]) + k_half     # (B, K, D) Eq. (5)
         I = self.concat2(F.elu(I))                                       # (B, K, D)
         ra = self.attn(F.elu(I * c_i[:, None])).squeeze(-1)              # (B, K) Eq. (6a)
+        if k_mask is not None:                                           # GQA: padded objects get no weight
+            ra = ra.masked_fill(~k_mask, float("-inf"))
         rv = ra.softmax(dim=-1)                                          # (B, K) Eq. (6b)
         r_i = (rv[..., None] * k).sum(1)                                 # (B, D) Eq. (6c)
         return r_i, rv
@@ -229,7 +261,8 @@ class MAC(nn.Module):
 
     ctx   (from encode, fixed over steps): knowledge (B, K, D), knowledge_proj (B, K, D),
           knowledge_half (B, K, D) (the step-independent half of Eq. (5)),
-          words (B, L, D), word_mask (B, L) bool, question (B, D), memory_mask (B, D).
+          words (B, L, D), word_mask (B, L) bool, question (B, D), memory_mask (B, D), and with
+          object features (GQA) knowledge_mask (B, K) bool, False at the padded objects.
     state (per step): control (B, D), memory (B, D), control_attn (B, L), read_attn (B, K),
           and with self-attention the histories controls, memories (B, t + 1, D).
     """
@@ -251,7 +284,7 @@ class MAC(nn.Module):
                     nn.init.zeros_(mod.bias)
 
     def encode(self, batch):
-        k, cw, q = self.input(batch["image"], batch["question"], batch["question_len"])
+        k, cw, q = self.input(batch["image"], batch["question"], batch["question_len"], batch.get("boxes"))
         L = cw.size(1)
         word_mask = torch.arange(L, device=cw.device)[None] < batch["question_len"][:, None]  # (B, L)
         # variational dropout: one mask per example, reused at every step (official code);
@@ -261,8 +294,12 @@ class MAC(nn.Module):
         if self.training and p > 0:
             memory_mask = torch.bernoulli(torch.full_like(q, 1 - p)) / (1 - p)
         k_proj, k_half = self.read.precompute(k)
-        return dict(knowledge=k, knowledge_proj=k_proj, knowledge_half=k_half, words=cw,
-                    word_mask=word_mask, question=q, memory_mask=memory_mask)
+        ctx = dict(knowledge=k, knowledge_proj=k_proj, knowledge_half=k_half, words=cw,
+                   word_mask=word_mask, question=q, memory_mask=memory_mask)
+        if "num_objects" in batch:  # at least one cell stays readable, so the softmax is never 0/0
+            n = batch["num_objects"].clamp(min=1)
+            ctx["knowledge_mask"] = torch.arange(k.size(1), device=k.device)[None] < n[:, None]  # (B, K)
+        return ctx
 
     def init_state(self, ctx):
         q = ctx["question"]
@@ -283,7 +320,7 @@ class MAC(nn.Module):
         c, cv = self.control(state["control"], ctx["question"], ctx["words"], ctx["word_mask"], t)
         # official code: the memory dropout mask applies where the read unit reads m_{i-1}
         r, rv = self.read(state["memory"] * ctx["memory_mask"], ctx["knowledge"], ctx["knowledge_proj"],
-                         ctx["knowledge_half"], c)
+                         ctx["knowledge_half"], c, ctx.get("knowledge_mask"))
         m = self.write(r, state["memory"], c, state.get("controls"), state.get("memories"))
         new = dict(control=c, memory=m, control_attn=cv, read_attn=rv)
         if self.cfg.self_attention:
@@ -312,7 +349,7 @@ Config, Model = MACConfig, MAC  # names the trainer's registry looks for
 if __name__ == "__main__":
     torch.manual_seed(0)
     B, L = 4, 9
-    for kind, shape in [("pixels", (3, 32, 32)), ("features", (1024, 14, 14))]:
+    for kind, shape in [("pixels", (3, 32, 32)), ("features", (1024, 14, 14)), ("objects", (10, 64))]:
         info = dict(num_words=20, num_answers=7, image_kind=kind, image_shape=shape)
         cfg = MACConfig(dim=32, embed_dim=16, max_steps=3, pixel_channels=(8, 16),
                         self_attention=True, memory_gate=True)
@@ -321,6 +358,8 @@ if __name__ == "__main__":
         question = torch.randint(3, 20, (B, L)) * (torch.arange(L) < lens[:, None])
         batch = dict(image=torch.rand(B, *shape), question=question, question_len=lens,
                      answer=torch.randint(0, 7, (B,)))
+        if kind == "objects":
+            batch.update(boxes=torch.rand(B, 10, 4), num_objects=torch.tensor([10, 3, 1, 6]))
         out = model(batch)
         loss = F.nll_loss(out["log_probs"], batch["answer"])
         loss.backward()

@@ -57,7 +57,7 @@ KINDS = data.QUESTION_KINDS
 class TrainConfig:
     data: str = ""  # prepared data directory (default: the built-in mini-CLEVR, made on first use)
     out: str = ""  # run directory (default: runs/MODEL[-WRAPPER]-TIMESTAMP)
-    preset: str = "auto"  # auto: laptop on the built-in data, paper (= Config defaults) with --data
+    preset: str = "auto"  # auto: laptop on the built-in data, gqa on GQA, paper (= Config defaults) with other --data
     epochs: int = 25  # stanfordnlp/mac-network README: --epochs 25
     iters: int = 0  # stop after this many training iterations in all (0: no limit); for smoke runs
     batch_size: int = 64  # MAC paper
@@ -190,7 +190,7 @@ def with_values(cfg, values):
     return dataclasses.replace(cfg, **values)
 
 
-def apply_preset(name, cfgs, modules, explicit, log):
+def apply_preset(name, cfgs, modules, explicit, log, why=None):
     """Apply preset `name` of the model (and wrapper) to cfgs {part: dataclass}, then the explicit flags."""
     changes = []
     for part, mod in modules.items():  # the model's preset, then the wrapper's
@@ -207,7 +207,7 @@ def apply_preset(name, cfgs, modules, explicit, log):
     for part in cfgs:
         if cfgs[part] is not None:
             cfgs[part] = with_values(cfgs[part], explicit[part])
-    why = "built-in data" if not cfgs["train"].data else "--data given"
+    why = why or ("built-in data" if not cfgs["train"].data else "--data given")
     if changes:
         log(f"preset {name} ({why}): {', '.join(changes)}; pass --preset paper for the paper's sizes")
     else:
@@ -359,9 +359,9 @@ def evaluate(model, loader, device, autocast):
 
 def show(rec):
     pct = lambda a: "-" if a is None else f"{100 * a:.1f}"
-    kinds = ", ".join(f"{k} {pct(a)}" for k, a in rec["acc_by_kind"].items())
+    kinds = ", ".join(f"{k} {pct(a)}" for k, a in rec["acc_by_kind"].items() if a is not None)  # none on GQA
     steps = f", avg steps {rec['avg_steps']:.2f}" if "avg_steps" in rec else ""
-    return f"acc {pct(rec['acc'])}% ({kinds}), loss {rec['loss'] or 0:.4f}{steps}"
+    return f"acc {pct(rec['acc'])}%{f' ({kinds})' if kinds else ''}, loss {rec['loss'] or 0:.4f}{steps}"
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -389,8 +389,12 @@ def resolve_configs(model_name, wrapper_name, model_mod, wrapper_mod, explicit, 
     ckpt = read_checkpoint(path, model_name) if path else None
     cfgs = {"train": cfg, "model": model_mod.Config(), "wrapper": wrapper_mod.Config() if wrapper_mod else None}
     if not (cfg.resume or cfg.eval_only):
-        preset = cfg.preset if cfg.preset != "auto" else "paper" if cfg.data else "laptop"
-        cfgs = apply_preset(preset, cfgs, {"model": model_mod, "wrapper": wrapper_mod}, explicit, log)
+        preset, why = cfg.preset if cfg.preset != "auto" else "paper" if cfg.data else "laptop", None
+        if cfg.preset == "auto" and cfg.data:  # a dataset with its own preset (GQA: 4 steps, 5 epochs)
+            dataset = data.dataset_name(cfg.data)
+            if dataset.lower() in getattr(model_mod, "PRESETS", {}):
+                preset, why = dataset.lower(), f"--data is {dataset}"
+        cfgs = apply_preset(preset, cfgs, {"model": model_mod, "wrapper": wrapper_mod}, explicit, log, why)
         cfgs["train"] = with_values(cfgs["train"], {"preset": preset})
         return cfgs, ckpt, path
     saved = ckpt["config"]
