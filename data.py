@@ -18,7 +18,7 @@ Layout of a prepared data directory (what `train.py --data DIR` reads):
                               orig_idxs, question_families, answers (N,) int64
     {split}_images.h5         images (N, 3, S, S) uint8         (--images pixels)
     or any feature h5         features|data (N, 1024, 14, 14)  (--images features)
-    or {split}_features.h5    (N, 34, S/8, S/8) float16        (--images scene-cnn, the built-in default)
+    or {split}_features.h5    (N, 18, S/8, S/8) float16        (--images scene-cnn, the built-in default)
     or objects.h5             features (N, 100, 2048), boxes (N, 100, 4), num_objects (N,)  (GQA)
 
 A batch is a dict of tensors: image (B, C, H, W) float, question (B, Lq) long padded with 0,
@@ -243,9 +243,9 @@ def execute(program, scene):
 # The built-in mini-CLEVR: 2-D scenes with CLEVR's attributes, drawn with numpy
 # ------------------------------------------------------------------------------------------------
 
-GENERATOR_VERSION = 2
+GENERATOR_VERSION = 3  # bumped whenever the built-in data changes (3: scene-CNN predictions as features)
 BUILTIN = {  # sizes of the two built-in datasets
-    "default": dict(train_images=5000, val_images=1000, questions_per_image=10, image_size=48, max_objects=5),
+    "default": dict(train_images=5000, val_images=1000, questions_per_image=20, image_size=48, max_objects=5),
     "tiny": dict(train_images=48, val_images=16, questions_per_image=5, image_size=32, max_objects=5),
 }
 RGB = {"gray": (87, 87, 87), "red": (173, 35, 35), "blue": (42, 75, 215), "green": (29, 105, 20),
@@ -878,10 +878,11 @@ def prepare(clevr_dir, out, images="pixels", size=64, vocab=None, features_dir=N
 # ------------------------------------------------------------------------------------------------
 
 class SceneCNN(torch.nn.Module):
-    """Pixels (B, 3, S, S) -> features (B, C, S/8, S/8), trained to tell, for every cell, whether an
-    object is centred there and its four attributes. The built-in data's stand-in for the
-    ImageNet-pretrained ResNet-101 whose features MAC reads on real CLEVR: models then learn to
-    reason, not to see, which is what fits in a laptop's minutes (README, "The built-in data")."""
+    """Pixels (B, 3, S, S) -> per-cell predictions (B, 1 + 15, S/8, S/8): for every 8 x 8 cell, the
+    probability that an object is centred there and, times that, the probabilities of each value of
+    its four attributes. The built-in data's stand-in for the ImageNet-pretrained ResNet-101 whose
+    features MAC reads on real CLEVR: models then learn to reason, not to see, which is what fits in
+    a laptop's minutes (README, "The built-in data")."""
 
     def __init__(self, channels=32):
         super().__init__()
@@ -893,7 +894,14 @@ class SceneCNN(torch.nn.Module):
         self.heads = nn.Conv2d(channels, 1 + sum(len(v) for v in ATTRIBUTES.values()), 1)
 
     def forward(self, x):
-        return self.body(x)
+        return self.heads(self.body(x))                                  # (B, 1 + 15, G, G) logits
+
+    def predict(self, x):
+        logits = self.forward(x)
+        obj = torch.sigmoid(logits[:, :1])                               # (B, 1, G, G)
+        sizes = [len(ATTRIBUTES[a]) for a in ATTR_ORDER]
+        probs = [obj * part.softmax(1) for part in logits[:, 1:].split(sizes, 1)]
+        return torch.cat([obj, *probs], 1)                               # (B, 1 + 15, G, G)
 
 
 def _cell_targets(scenes, grid):
@@ -907,7 +915,7 @@ def _cell_targets(scenes, grid):
 
 
 def scene_cnn_features(clevr_dir, out, size, channels=32, iters=1500, log=print, seed=0):
-    """Train SceneCNN on the train split's pixels and scene annotations, then write its features,
+    """Train SceneCNN on the train split's pixels and scene annotations, then write its predictions,
     with x and y coordinate channels appended, as {split}_features.h5 (float16)."""
     F = torch.nn.functional
     grid = size // 8
@@ -919,23 +927,34 @@ def scene_cnn_features(clevr_dir, out, size, channels=32, iters=1500, log=print,
     torch.manual_seed(seed)
     cnn = SceneCNN(channels)
     opt = torch.optim.Adam(cnn.parameters(), lr=2e-3)
-    splits = np.cumsum([0] + [len(v) for v in ATTRIBUTES.values()])
+    sizes = [len(ATTRIBUTES[a]) for a in ATTR_ORDER]
     t0 = time.time()
     iters = iters if len(pixels) >= 1000 else 30  # the tiny data: a few steps are enough
     for it in range(iters):
         idx = torch.randint(0, len(pixels), (64,), generator=gen)
-        logits = cnn.heads(cnn(pixels[idx].float() / 255))  # (64, 1 + 15, G, G)
+        logits = cnn(pixels[idx].float() / 255)  # (64, 1 + 15, G, G)
         t = targets[idx]
         present = (t[:, 0] >= 0).float()
         loss = F.binary_cross_entropy_with_logits(logits[:, 0], present)
-        for k in range(len(ATTR_ORDER)):  # cross-entropy on the cells where an object is centred
-            loss = loss + F.cross_entropy(logits[:, 1 + splits[k]:1 + splits[k + 1]], t[:, k], ignore_index=-1)
+        for k, part in enumerate(logits[:, 1:].split(sizes, 1)):  # on the cells where an object is centred
+            loss = loss + F.cross_entropy(part, t[:, k], ignore_index=-1)
         opt.zero_grad()
         loss.backward()
         opt.step()
         if (it + 1) % 500 == 0:
             log(f"    scene CNN iteration {it + 1}/{iters}: loss {loss.item():.3f} ({time.time() - t0:.0f}s)")
     cnn.eval()
+    val_scenes = clevr_dir / "scenes" / "CLEVR_val_scenes.json"
+    if (out / "val_images.h5").exists() and val_scenes.exists():  # how well it sees, on val
+        with h5py.File(out / "val_images.h5", "r") as f, torch.no_grad():
+            logits = cnn(torch.from_numpy(f["images"][:]).float() / 255)  # (N, 16, G, G)
+        t = _cell_targets(_load_json(val_scenes, "val scenes")["scenes"], grid)
+        present = t[:, 0] >= 0  # (N, G, G)
+        accs = [((logits[:, 0] > 0) == present).float().mean()] + [
+            (part.argmax(1)[present] == t[:, k][present]).float().mean()
+            for k, part in enumerate(logits[:, 1:].split(sizes, 1))]
+        log("  scene CNN on val: cells (object or not) {:.1%}; size {:.1%}, color {:.1%}, material {:.1%}, "
+            "shape {:.1%} of the objects".format(*accs))
     ys, xs = torch.meshgrid(torch.linspace(-1, 1, grid), torch.linspace(-1, 1, grid), indexing="ij")
     coords = torch.stack([xs, ys])  # (2, G, G)
     images = {}
@@ -945,14 +964,15 @@ def scene_cnn_features(clevr_dir, out, size, channels=32, iters=1500, log=print,
             continue
         with h5py.File(src, "r") as f, h5py.File(out / f"{split}_features.h5", "w") as g, torch.no_grad():
             n = len(f["images"])
-            dset = g.create_dataset("features", (n, channels + 2, grid, grid), dtype=np.float16)
+            C = 1 + sum(sizes) + 2
+            dset = g.create_dataset("features", (n, C, grid, grid), dtype=np.float16)
             for i in range(0, n, 512):
-                feats = cnn(torch.from_numpy(f["images"][i:i + 512]).float() / 255)  # (b, C, G, G)
+                feats = cnn.predict(torch.from_numpy(f["images"][i:i + 512]).float() / 255)  # (b, 16, G, G)
                 dset[i:i + 512] = torch.cat([feats, coords.expand(len(feats), -1, -1, -1)], 1).numpy()
         src.unlink()  # the pixels are in the CLEVR-layout folder; `prepare --images pixels` remakes them
         images[split] = f"{split}_features.h5"
-    log(f"  scene CNN: {iters} iterations in {time.time() - t0:.0f}s, features {channels + 2} x {grid} x {grid}")
-    return {"image_kind": "features", "images": images, "feature_shape": [channels + 2, grid, grid],
+    log(f"  scene CNN: {iters} iterations in {time.time() - t0:.0f}s, features {C} x {grid} x {grid}")
+    return {"image_kind": "features", "images": images, "feature_shape": [C, grid, grid],
             "features_from": "scene-cnn"}
 
 

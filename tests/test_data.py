@@ -294,9 +294,15 @@ def test_reading_pngs_without_pillow_says_how_to_install(tmp_path, monkeypatch):
 def test_cli_generate_tiny(tmp_path):
     data.main(["generate", "--tiny", "--out", str(tmp_path / "g")])
     info = data.load_info(tmp_path / "g")  # the generated folder resolves to its prepared/ inside
-    assert info["image_kind"] == "features" and info["image_shape"] == (32 + 2, 4, 4)  # scene-CNN features
+    assert info["image_kind"] == "features" and info["image_shape"] == (1 + 15 + 2, 4, 4)  # scene-CNN predictions
+    with h5py.File(tmp_path / "g" / "prepared" / "train_features.h5") as f:
+        feats = torch.from_numpy(f["features"][:].astype("float32"))  # (N, 18, 4, 4)
+    obj, attrs = feats[:, 0], feats[:, 1:16].split([2, 8, 2, 3], dim=1)  # size, color, material, shape
+    assert ((obj >= 0) & (obj <= 1)).all()
+    for probs in attrs:  # each attribute's distribution, scaled by the probability that an object is there
+        torch.testing.assert_close(probs.sum(1), obj, atol=2e-3, rtol=0)
     batch = next(iter(data.make_loader(tmp_path / "g", "val", 4, shuffle=False)))
-    assert batch["image"].shape == (4, 34, 4, 4)
+    assert batch["image"].shape == (4, 18, 4, 4)
     assert torch.allclose(batch["image"][0, -2, 0], torch.linspace(-1, 1, 4), atol=1e-3)  # x coordinate channel
     assert torch.allclose(batch["image"][0, -1, :, 0], torch.linspace(-1, 1, 4), atol=1e-3)  # y coordinate channel
     assert (tmp_path / "g" / "preview.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
