@@ -1045,12 +1045,15 @@ class Split:
 
 class Loader:
     """Batches of a Split. The shuffled order is a function of (seed, epoch) alone, and `start`
-    skips the batches already done, so a resumed run sees exactly the batches it would have."""
+    skips the batches already done, so a resumed run sees exactly the batches it would have.
+    Distributed (`world` processes): process `rank` reads rows rank, rank + world, ... of every global
+    batch, so the processes together see the single-process batches, each question exactly once."""
 
-    def __init__(self, split, batch_size, shuffle, seed=0, drop_last=False):
+    def __init__(self, split, batch_size, shuffle, seed=0, drop_last=False, rank=0, world=1):
         self.split, self.batch_size, self.shuffle, self.seed = split, batch_size, shuffle, seed
         self.drop_last = drop_last and len(split) >= batch_size  # a split smaller than a batch still yields it
         self.epoch, self.start = 0, 0
+        self.rank, self.world = rank, world
 
     def set_epoch(self, epoch, start=0):
         self.epoch, self.start = epoch, start
@@ -1063,11 +1066,13 @@ class Loader:
         n = len(self.split)
         order = (np.random.default_rng([self.seed, self.epoch]).permutation(n) if self.shuffle else np.arange(n))
         for b in range(self.start, len(self)):
-            yield self.split.batch(order[b * self.batch_size:(b + 1) * self.batch_size])
+            idx = order[b * self.batch_size:(b + 1) * self.batch_size][self.rank::self.world]
+            if len(idx):  # a last batch smaller than `world` leaves some processes without rows
+                yield self.split.batch(idx)
 
 
-def make_loader(data_dir, split, batch_size, shuffle, seed=0, drop_last=False):
-    return Loader(Split(data_dir, split), batch_size, shuffle, seed, drop_last)
+def make_loader(data_dir, split, batch_size, shuffle, seed=0, drop_last=False, rank=0, world=1):
+    return Loader(Split(data_dir, split), batch_size, shuffle, seed, drop_last, rank, world)
 
 
 def builtin_dir(tiny=False):
