@@ -24,6 +24,7 @@ import argparse
 import copy
 import dataclasses
 import datetime
+import hashlib
 import importlib
 import importlib.util
 import inspect
@@ -255,6 +256,24 @@ def set_rng_state(st):
     random.setstate((st["python"][0], tuple(st["python"][1]), st["python"][2]))
 
 
+def tensor_digest(obj):
+    """sha1 of every tensor in a checkpoint, in order. torch.load does not notice damaged tensor bytes (they
+    are >99% of the file), so the digest is stored in the checkpoint and checked when it is read."""
+    h = hashlib.sha1()
+
+    def visit(x):
+        if isinstance(x, torch.Tensor):
+            h.update(x.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+        elif isinstance(x, dict):
+            for v in x.values():
+                visit(v)
+        elif isinstance(x, (list, tuple)):
+            for v in x:
+                visit(v)
+    visit(obj)
+    return h.hexdigest()
+
+
 def save_checkpoint(path, ckpt, keep=None):
     """Atomic: write a temp file in the same folder, flush it to disk, then rename it over `path`.
     `keep` (e.g. "prev.pt"): the file that `path` held is kept under this name (a hard link: no copy),
@@ -264,7 +283,7 @@ def save_checkpoint(path, ckpt, keep=None):
     prev_tmp = keep and path.with_name(keep + ".tmp")
     try:
         with open(tmp, "wb") as f:
-            torch.save(ckpt, f)
+            torch.save({**ckpt, "digest": tensor_digest(ckpt)}, f)
             f.flush()
             os.fsync(f.fileno())
         if keep and path.exists():
@@ -297,6 +316,9 @@ def read_checkpoint(path, model_name, hint=""):
     except Exception as e:  # a truncated file, not a torch file, ...
         fail(f"cannot read checkpoint {path} ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
              f"the file is damaged or not a checkpoint{hint}")
+    if isinstance(ckpt, dict) and "digest" in ckpt and ckpt.pop("digest") != tensor_digest(ckpt):
+        fail(f"checkpoint {path} is damaged: its tensors do not match the checksum written with them (a disk "
+             f"or copy error){hint}")
     if not isinstance(ckpt, dict) or not CKPT_KEYS <= set(ckpt):
         fail(f"{path} is not a checkpoint written by train.py (it lacks "
              f"{sorted(CKPT_KEYS - set(ckpt)) if isinstance(ckpt, dict) else 'everything'}){hint}")

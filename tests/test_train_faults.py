@@ -125,3 +125,134 @@ def test_amp_bf16_runs_on_cpu_and_fp16_needs_cuda(tiny_data, tmp_path):
     msg = error_of(["mac", "--data", str(tiny_data), "--out", str(tmp_path / "fp16"), *TINY, "--amp", "fp16",
                     "--device", "cpu"])
     assert "--amp fp16 needs CUDA" in msg and "--amp bf16" in msg
+
+
+# ----------------------------------------------------------------------------------------------------
+# Checkpoints under faults: SIGKILL mid-epoch, damaged files, failed writes, NaN
+
+# Run as `python -c KILL_CHILD ROOT WHEN N train-args...`: train.main, killed by SIGKILL either when the
+# Nth training step starts ("step") or halfway through writing the checkpoint of iteration N ("write").
+KILL_CHILD = """
+import os, signal, sys
+sys.path.insert(0, sys.argv[1])
+import mac, torch, train
+when, n, steps = sys.argv[2], int(sys.argv[3]), [0]
+forward, save = mac.Model.forward, torch.save
+def counting_forward(self, batch):
+    steps[0] += self.training
+    if when == "step" and steps[0] == n:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return forward(self, batch)
+def dying_save(obj, f, *args, **kwargs):
+    if when == "write" and isinstance(obj, dict) and obj.get("iter") == n:
+        f.write(b"PK\\x03\\x04 half a checkpoint")
+        f.flush()
+        os.kill(os.getpid(), signal.SIGKILL)
+    return save(obj, f, *args, **kwargs)
+mac.Model.forward, torch.save = counting_forward, dying_save
+train.main(sys.argv[4:])
+"""
+
+
+@pytest.mark.parametrize("when", ["step", "write"])
+def test_sigkill_mid_epoch_then_resume_ends_as_an_uninterrupted_run(tiny_data, tmp_path, when):
+    n = len(data.make_loader(tiny_data, "train", 16, shuffle=True))  # batches per epoch
+    flags = ["--epochs", "2", "--ckpt-every", "4"]  # dropout stays on: the RNG streams must resume exactly
+    first = 4 * (n // 4 + 1)  # the first mid-epoch checkpoint of epoch 2
+    kill = first + 3 if when == "step" else first + 4  # 2 steps after it, or while writing the next one
+    cmd = [sys.executable, "-c", KILL_CHILD, str(ROOT), when, str(kill), "mac", "--data", str(tiny_data),
+           "--out", str(tmp_path / "killed"), *TINY, *flags]
+    proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
+    stopped = load(tmp_path / "killed" / "last.pt")
+    assert (stopped["epoch"], stopped["pos"], stopped["iter"]) == (1, first - n, first)  # a mid-epoch checkpoint
+    if when == "write":  # the half-written file was never renamed over last.pt
+        assert (tmp_path / "killed" / "last.pt.tmp").read_bytes().startswith(b"PK\x03\x04 half")
+    # (after "step", the 2 iterations after the checkpoint were lost: the resumed run redoes them)
+
+    train.main(["mac", "--out", str(tmp_path / "killed"), "--resume"])
+    train_mac(tiny_data, tmp_path / "whole", *flags)
+    a, b = load(tmp_path / "whole" / "last.pt"), load(tmp_path / "killed" / "last.pt")
+    assert (a["epoch"], a["pos"], a["iter"]) == (b["epoch"], b["pos"], b["iter"]) == (2, 0, 2 * n)
+    assert_same_state(a, b)
+    assert a["scheduler"] == b["scheduler"] and a["best_acc"] == b["best_acc"]
+
+
+@pytest.fixture(scope="module")
+def ckpt_run(tiny_data, tmp_path_factory):
+    """A one-epoch run with mid-epoch checkpoints: last.pt (end of epoch 1), prev.pt (the last one before)."""
+    out = tmp_path_factory.mktemp("runs") / "ckpt"
+    train_mac(tiny_data, out, "--epochs", "1", "--ckpt-every", "4")
+    return out
+
+
+def copy_run(src, dst):
+    dst.mkdir()
+    for f in src.iterdir():
+        (dst / f.name).write_bytes(f.read_bytes())
+    return dst
+
+
+@pytest.mark.parametrize("damage", ["truncated", "flipped byte", "not a checkpoint"])
+def test_a_damaged_last_checkpoint_names_the_file_and_the_previous_good_one(ckpt_run, tmp_path, damage):
+    run = copy_run(ckpt_run, tmp_path / "run")
+    good = (run / "last.pt").read_bytes()
+    bad = {"truncated": good[:len(good) // 2], "flipped byte": good[:len(good) // 2] + bytes([good[len(good) // 2] ^ 255])
+           + good[len(good) // 2 + 1:], "not a checkpoint": b"hello"}[damage]
+    (run / "last.pt").write_bytes(bad)
+    prev = (run / "prev.pt").read_bytes()
+    msg = error_of(["mac", "--out", str(run), "--resume"])
+    assert str(run / "last.pt") in msg and ("damaged" in msg or "cannot read" in msg)
+    assert f"cp {run / 'prev.pt'} {run / 'last.pt'}" in msg  # the fix, with the previous good checkpoint
+    before = load(run / "prev.pt")  # kept, and good: the mid-epoch checkpoint before the epoch's end
+    assert (run / "prev.pt").read_bytes() == prev and before["pos"] > 0 and before["iter"] % 4 == 0
+    if damage == "flipped byte":  # following the message's advice continues the run
+        (run / "last.pt").write_bytes(prev)
+        train.main(["mac", "--out", str(run), "--resume", "--iters", str(before["iter"] + 2)])
+        assert load(run / "last.pt")["iter"] == before["iter"] + 2
+
+
+def test_a_failed_write_keeps_the_previous_checkpoint(ckpt_run, tmp_path, monkeypatch):
+    run = copy_run(ckpt_run, tmp_path / "run")
+    before = (run / "last.pt").read_bytes()
+
+    def disk_full(obj, f, *args, **kwargs):  # what torch.save does when the disk fills up mid-file
+        f.write(b"PK\x03\x04 some bytes")
+        raise RuntimeError("[enforce fail at inline_container.cc:664] . PytorchStreamWriter failed writing "
+                           "file data/3: file write failed")
+    monkeypatch.setattr(torch, "save", disk_full)
+    msg = error_of(["mac", "--out", str(run), "--resume", "--epochs", "2"])
+    assert f"could not write checkpoint {run / 'last.pt'}" in msg and "file write failed" in msg
+    assert "still holds the previous checkpoint" in msg and "--resume" in msg
+    assert (run / "last.pt").read_bytes() == before and not list(run.glob("*.tmp"))
+    monkeypatch.undo()
+    train.main(["mac", "--out", str(run), "--resume", "--iters", str(load(run / "last.pt")["iter"] + 1)])
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_a_nan_or_inf_loss_stops_with_a_usable_last_checkpoint(tiny_data, tmp_path, monkeypatch, bad):
+    import mac
+    forward, steps = mac.Model.forward, [0]
+
+    def poisoned(self, batch):
+        out = forward(self, batch)
+        steps[0] += self.training
+        return {**out, "log_probs": out["log_probs"] * bad} if steps[0] == 6 else out
+    monkeypatch.setattr(mac.Model, "forward", poisoned)
+    msg = error_of(["mac", "--data", str(tiny_data), "--out", str(tmp_path / "run"), *TINY, "--ckpt-every", "4"])
+    assert f"the loss is {bad}" in msg  # nll of log_probs * inf is +inf
+    assert "iteration 6" in msg and str(tmp_path / "run" / "last.pt") in msg
+    ckpt = load(tmp_path / "run" / "last.pt")
+    assert ckpt["iter"] == 4 and all(v.isfinite().all() for v in ckpt["model"].values())
+    monkeypatch.undo()
+    train.main(["mac", "--out", str(tmp_path / "run"), "--resume", "--iters", "7"])  # and it resumes
+    assert load(tmp_path / "run" / "last.pt")["iter"] == 7
+
+
+def test_resuming_a_checkpoint_that_does_not_fit_its_model_says_so(ckpt_run, tmp_path):
+    run = copy_run(ckpt_run, tmp_path / "run")
+    ckpt = load(run / "last.pt")
+    ckpt["model"]["renamed.weight"] = ckpt["model"].pop("read.attn.weight")  # as from another version of mac.py
+    train.save_checkpoint(run / "last.pt", {k: v for k, v in ckpt.items() if k != "digest"})  # a valid digest
+    msg = error_of(["mac", "--out", str(run), "--resume"])
+    assert "does not fit the mac model" in msg and "--init" in msg and str(run / "last.pt") in msg
