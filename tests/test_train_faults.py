@@ -256,3 +256,22 @@ def test_resuming_a_checkpoint_that_does_not_fit_its_model_says_so(ckpt_run, tmp
     train.save_checkpoint(run / "last.pt", {k: v for k, v in ckpt.items() if k != "digest"})  # a valid digest
     msg = error_of(["mac", "--out", str(run), "--resume"])
     assert "does not fit the mac model" in msg and "--init" in msg and str(run / "last.pt") in msg
+
+
+class Payload:
+    """Unpickling this would create a file: a checkpoint that runs code when loaded."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (Path.touch, (self.path,))
+
+
+def test_a_checkpoint_is_never_executed(ckpt_run, tmp_path):
+    ckpt = load(ckpt_run / "last.pt")
+    ckpt["config"] = Payload(tmp_path / "pwned")
+    torch.save(ckpt, tmp_path / "evil.pt")
+    msg = error_of(["mac", "--init", str(tmp_path / "evil.pt"), "--eval-only"])
+    assert f"cannot read checkpoint {tmp_path / 'evil.pt'}" in msg  # weights_only=True refuses the callable
+    assert not (tmp_path / "pwned").exists()
