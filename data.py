@@ -88,7 +88,7 @@ def normalize_node(node):
 
 FUNCTIONS = ({"scene", "unique", "relate", "union", "intersect", "count", "exist", "equal_integer", "less_than",
               "greater_than"} | {f"{p}_{a}" for p in ("filter", "query", "same", "equal") for a in ATTR_ORDER})
-MAX_PROGRAM_NODES = 200  # CLEVR's longest program has 27 nodes; a bound keeps hostile files from recursing
+MAX_PROGRAM_NODES = 200  # CLEVR's programs have a few dozen nodes at most; the bound stops hostile recursion
 
 
 def _short(x):
