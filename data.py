@@ -91,6 +91,42 @@ def normalize_node(node):
     return {"function": fn, "inputs": list(node.get("inputs", [])), "value_inputs": list(values)}
 
 
+FUNCTIONS = ({"scene", "unique", "relate", "union", "intersect", "count", "exist", "equal_integer", "less_than",
+              "greater_than"} | {f"{p}_{a}" for p in ("filter", "query", "same", "equal") for a in ATTR_ORDER})
+MAX_PROGRAM_NODES = 200  # CLEVR's programs have a few dozen nodes at most; the bound stops hostile recursion
+
+
+def _short(x):
+    return repr(x)[:60] + ("..." if len(repr(x)) > 60 else "")
+
+
+def check_program(program):
+    """`program` itself if it is a CLEVR program (post-order node list, root last), or a DataError that
+    says what is wrong: each node a dict with one of CLEVR's FUNCTIONS, inputs that are earlier nodes,
+    as many as the function takes, one string value for filter_* and relate, none for the rest."""
+    if not isinstance(program, list) or not program:
+        raise DataError(f"a program is a non-empty list of nodes, not {_short(program)}")
+    size = []  # nodes of the tree that each node roots, once shared inputs are copied
+    for i, node in enumerate(program):
+        if not isinstance(node, dict):
+            raise DataError(f"program node {i} is {_short(node)}, not an object")
+        fn = node.get("function", node.get("type"))
+        if not isinstance(fn, str) or fn not in FUNCTIONS:
+            raise DataError(f"program node {i}: unknown function {_short(fn)} (CLEVR's: {', '.join(sorted(FUNCTIONS))})")
+        inputs, values = node.get("inputs", []), node.get("value_inputs", node.get("side_inputs", []))
+        if not isinstance(inputs, list) or not all(type(j) is int and 0 <= j < i for j in inputs):
+            raise DataError(f"program node {i} ({fn}): inputs {_short(inputs)} are not indices of earlier nodes")
+        if len(inputs) != arity(fn):
+            raise DataError(f"program node {i} ({fn}) has {len(inputs)} inputs; {fn} takes {arity(fn)}")
+        want = int(fn.startswith("filter_") or fn == "relate")
+        if not isinstance(values, list) or len(values) != want or not all(isinstance(v, str) for v in values):
+            raise DataError(f"program node {i} ({fn}): value_inputs {_short(values)}; {fn} takes {want} string(s)")
+        size.append(1 + sum(size[j] for j in inputs))
+        if size[-1] > MAX_PROGRAM_NODES:
+            raise DataError(f"program node {i} ({fn}) roots a tree of more than {MAX_PROGRAM_NODES} nodes")
+    return program
+
+
 def node_token(node):
     """clevr-iep's program token: the function fused with its value, e.g. `filter_color[red]`."""
     node = normalize_node(node)
@@ -114,7 +150,7 @@ def arity(token):
 
 def list_to_tree(program):
     """Post-order node list (root last) -> nested {'token', 'children'} tree."""
-    nodes = [normalize_node(n) for n in program]
+    nodes = [normalize_node(n) for n in check_program(program)]
 
     def build(i):
         return {"token": node_token(nodes[i]), "children": [build(j) for j in nodes[i]["inputs"]]}
@@ -131,6 +167,8 @@ def tree_to_prefix(tree):
 
 def prefix_to_tree(tokens):
     """Prefix token list -> tree, reading `arity(token)` children per token."""
+    if not isinstance(tokens, list) or not all(isinstance(t, str) for t in tokens) or len(tokens) > MAX_PROGRAM_NODES:
+        raise DataError(f"a prefix program is a list of at most {MAX_PROGRAM_NODES} strings, not {_short(tokens)}")
     pos = 0
 
     def build():
@@ -727,7 +765,8 @@ def _encode(tokens, to_idx, unk_ok, what):
     ids = [START]
     for t in tokens:
         if t not in to_idx and not unk_ok:
-            raise DataError(f"{what} token {t!r} is not in the vocabulary")
+            raise DataError(f"{what} token {t!r} is not in the vocabulary; if --vocab was made for another "
+                            "dataset, prepare without --vocab to build one from this train split")
         ids.append(to_idx.get(t, UNK))
     return ids + [END]
 
@@ -843,18 +882,21 @@ def prepare(clevr_dir, out, images="pixels", size=64, vocab=None, features_dir=N
         doc = _load_json(path, f"{s} questions")
         if not isinstance(doc, dict) or not isinstance(doc.get("questions"), list):
             raise DataError(f"{path}: expected a JSON object with a 'questions' list")
-        data[s] = doc["questions"]
+        data[s] = check_questions(doc["questions"], path)
     out.mkdir(parents=True, exist_ok=True)
     if vocab is None:
         if "train" not in data:
             raise DataError("no train split to build the vocabulary from; pass --vocab VOCAB_JSON")
         vocab = build_vocab(data["train"])
     elif not isinstance(vocab, dict):
-        vocab = _load_json(vocab, "vocabulary")
+        vocab = load_vocab(vocab)
     (out / "vocab.json").write_text(json.dumps(vocab, indent=1))
     info = {"image_kind": images, "images": {}, "source": str(clevr_dir.resolve())}
     for s, questions in data.items():
-        unk = encode_questions(questions, vocab, out / f"{s}_questions.h5")
+        try:
+            unk = encode_questions(questions, vocab, out / f"{s}_questions.h5")
+        except DataError as e:  # a token missing from a --vocab: name the questions file
+            raise DataError(f"{clevr_dir / 'questions' / f'CLEVR_{s}_questions.json'}: {e}") from None
         num_images = max(q["image_index"] for q in questions) + 1
         log(f"  {s}: {len(questions)} questions on {num_images} images, {100 * unk:.2f}% <UNK> words")
         if images in ("pixels", "scene-cnn"):
@@ -977,6 +1019,106 @@ def scene_cnn_features(clevr_dir, out, size, channels=32, iters=1500, log=print,
 
 
 # ------------------------------------------------------------------------------------------------
+# Hostile inputs: every file is checked where it is read, so that a bad one gives one message that
+# names it and the fix, never a stack trace from deep inside (JSON is parsed, never executed; h5 holds
+# arrays, never pickles)
+# ------------------------------------------------------------------------------------------------
+
+MAX_IMAGES = 10 ** 7  # CLEVR has 100,000 images; an image_index beyond this is a damaged file
+
+
+def check_questions(questions, path):
+    """`questions` (the list of a CLEVR questions JSON) if each has what `prepare` needs, else a DataError."""
+    if not questions:
+        raise DataError(f"{path}: the 'questions' list is empty")
+    for i, q in enumerate(questions):
+        try:
+            if not isinstance(q, dict):
+                raise DataError(f"is {_short(q)}, not an object")
+            if not isinstance(q.get("question"), str):
+                raise DataError(f"'question' is {_short(q.get('question'))}, not a string")
+            if type(q.get("image_index")) is not int or not 0 <= q["image_index"] < MAX_IMAGES:
+                raise DataError(f"'image_index' is {_short(q.get('image_index'))}, not an image number")
+            if "answer" in q and not isinstance(q["answer"], str):
+                raise DataError(f"'answer' is {_short(q['answer'])}, not a string")
+            for key in ("question_family_index", "question_index"):
+                if key in q and (type(q[key]) is not int or not -1 <= q[key] < 2 ** 62):
+                    raise DataError(f"{key!r} is {_short(q[key])}, not an integer")
+            if "program" in q:
+                check_program(q["program"])
+        except DataError as e:
+            raise DataError(f"{path}: question {i}: {e}; fix or remove this question") from None
+    return questions
+
+
+def load_vocab(path):
+    """A clevr-iep vocab.json: {question,program,answer}_token_to_idx, each token -> 0..n-1."""
+    vocab = _load_json(path, "vocabulary")
+    for key in ("question_token_to_idx", "program_token_to_idx", "answer_token_to_idx"):
+        to_idx = vocab.get(key) if isinstance(vocab, dict) else None
+        if not isinstance(to_idx, dict) or sorted(v for v in to_idx.values() if type(v) is int) != list(range(len(to_idx))):
+            raise DataError(f"{path}: {key} is missing or does not number its tokens 0..n-1; this is not a "
+                            "vocab.json written by `python data.py prepare`: prepare the data again")
+    return vocab
+
+
+def _read_info(path):
+    info = _load_json(path, "data info")
+    if (not isinstance(info, dict) or info.get("image_kind") not in ("pixels", "features")
+            or not isinstance(info.get("images"), dict) or not info["images"]
+            or not all(isinstance(v, str) for v in info["images"].values())):
+        raise DataError(f"{path}: expected image_kind pixels|features and images {{split: file}}, as written by "
+                        "`python data.py prepare`: prepare the data again")
+    return info
+
+
+def _open_h5(path, what):
+    if not Path(path).exists():
+        raise DataError(f"{path}: no such file ({what}); prepare the data again")
+    try:
+        return h5py.File(path, "r")
+    except OSError as e:
+        raise DataError(f"{path}: not a readable h5 file ({e}); prepare the data again") from None
+
+
+def check_images(path):
+    """Validate a pixels h5 (dataset `images`, (N, 3, H, W) uint8); returns the dataset's name."""
+    with _open_h5(path, "images") as f:
+        if "images" not in f or f["images"].ndim != 4 or f["images"].shape[1] != 3 or f["images"].dtype != np.uint8:
+            found = f"{f['images'].shape} {f['images'].dtype}" if "images" in f else f"datasets {list(f.keys())}"
+            raise DataError(f"{path}: expected a dataset 'images' (N, 3, H, W) uint8, found {found}; "
+                            "run `python data.py prepare ... --images pixels` again")
+    return "images"
+
+
+def _read_questions_h5(path, vocab):
+    """The arrays of a clevr-iep questions h5 as int64, after checking shapes, dtypes and index ranges."""
+    want = {"questions": (2, "question_token_to_idx"), "image_idxs": (1, None), "question_families": (1, None),
+            "programs": (2, "program_token_to_idx"), "answers": (1, "answer_token_to_idx")}
+    out = {}
+    with _open_h5(path, "questions") as f:
+        for name, (ndim, vocab_key) in want.items():
+            if name not in f:
+                if name in ("programs", "answers"):  # the test split has neither
+                    continue
+                raise DataError(f"{path}: no dataset {name!r} (found {list(f.keys())}); prepare the data again")
+            d = f[name]
+            if not isinstance(d, h5py.Dataset) or d.ndim != ndim or d.dtype.kind not in "iu":
+                raise DataError(f"{path}: dataset {name!r} is {getattr(d, 'shape', '?')} {getattr(d, 'dtype', '?')}; "
+                                f"expected {ndim}-D integers as written by `python data.py prepare`: prepare the data again")
+            a = d[:].astype(np.int64)
+            top = len(vocab[vocab_key]) if vocab_key else MAX_IMAGES
+            if a.size and (a.min() < (-1 if name == "question_families" else 0) or a.max() >= top):
+                raise DataError(f"{path}: {name!r} holds values from {a.min()} to {a.max()}, outside 0..{top - 1}"
+                                + ("; was it prepared with another vocab.json?" if vocab_key else ""))
+            out[name] = a
+    if len({len(a) for a in out.values()}) > 1:
+        raise DataError(f"{path}: its datasets have different lengths "
+                        f"({', '.join(f'{k} {len(a)}' for k, a in out.items())}); prepare the data again")
+    return out
+
+
+# ------------------------------------------------------------------------------------------------
 # Reading a prepared directory: info, datasets, the loader
 # ------------------------------------------------------------------------------------------------
 
@@ -999,13 +1141,13 @@ def resolve(data_dir):
 def load_info(data_dir):
     """What a model needs to know about the data: vocab sizes, the image kind and shape."""
     d = resolve(data_dir)
-    vocab, info = _load_json(d / "vocab.json", "vocabulary"), _load_json(d / "info.json", "data info")
+    vocab, info = load_vocab(d / "vocab.json"), _read_info(d / "info.json")
     split = "train" if "train" in info["images"] else next(iter(info["images"]))
     path = d / info["images"][split]
     if info["image_kind"] in ("features", "objects"):
         name = check_features(path, shape=info.get("feature_shape", (1024, 14, 14)))
     else:
-        name = "images"
+        name = check_images(path)
     with h5py.File(path, "r") as f:
         shape = tuple(f[name].shape[1:])
     answers = sorted(vocab["answer_token_to_idx"], key=vocab["answer_token_to_idx"].get)
@@ -1021,17 +1163,15 @@ class Split:
 
     def __init__(self, data_dir, split, max_memory=2 << 30):
         d = resolve(data_dir)
-        info = _load_json(d / "info.json", "data info")
+        info = _read_info(d / "info.json")
         if split not in info["images"]:
             raise DataError(f"{d}: no {split} split (has {', '.join(info['images'])})")
-        vocab = _load_json(d / "vocab.json", "vocabulary")
-        with h5py.File(d / f"{split}_questions.h5", "r") as f:
-            self.questions = f["questions"][:].astype(np.int64)
-            self.image_idxs = f["image_idxs"][:].astype(np.int64)
-            self.families = f["question_families"][:].astype(np.int64)
-            n = len(self.questions)
-            self.programs = f["programs"][:].astype(np.int64) if "programs" in f else np.zeros((n, 1), np.int64)
-            self.answers = f["answers"][:].astype(np.int64) if "answers" in f else np.full(n, -100, np.int64)
+        vocab = load_vocab(d / "vocab.json")
+        q = _read_questions_h5(d / f"{split}_questions.h5", vocab)
+        self.questions, self.image_idxs, self.families = q["questions"], q["image_idxs"], q["question_families"]
+        n = len(self.questions)
+        self.programs = q["programs"] if "programs" in q else np.zeros((n, 1), np.int64)
+        self.answers = q["answers"] if "answers" in q else np.full(n, -100, np.int64)
         self.lengths = (self.questions != NULL).sum(1)
         kind_of = {i: QUESTION_KINDS.index(question_kind(token_function(t)))
                    if question_kind(token_function(t)) else -1 for t, i in vocab["program_token_to_idx"].items()}
@@ -1039,7 +1179,7 @@ class Split:
         self.kinds = np.array([kind_of.get(int(t), -1) for t in root], dtype=np.int64)
         path = d / info["images"][split]
         self.is_pixels = info["image_kind"] == "pixels"
-        name = "images" if self.is_pixels else check_features(path, shape=info.get("feature_shape", (1024, 14, 14)))
+        name = check_images(path) if self.is_pixels else check_features(path, shape=info.get("feature_shape", (1024, 14, 14)))
         self.file = h5py.File(path, "r")
         self.images = self.file[name]
         if len(self.image_idxs) and self.image_idxs.max() >= len(self.images):
@@ -1078,12 +1218,15 @@ class Split:
 
 class Loader:
     """Batches of a Split. The shuffled order is a function of (seed, epoch) alone, and `start`
-    skips the batches already done, so a resumed run sees exactly the batches it would have."""
+    skips the batches already done, so a resumed run sees exactly the batches it would have.
+    Distributed (`world` processes): process `rank` reads rows rank, rank + world, ... of every global
+    batch, so the processes together see the single-process batches, each question exactly once."""
 
-    def __init__(self, split, batch_size, shuffle, seed=0, drop_last=False):
+    def __init__(self, split, batch_size, shuffle, seed=0, drop_last=False, rank=0, world=1):
         self.split, self.batch_size, self.shuffle, self.seed = split, batch_size, shuffle, seed
         self.drop_last = drop_last and len(split) >= batch_size  # a split smaller than a batch still yields it
         self.epoch, self.start = 0, 0
+        self.rank, self.world = rank, world
 
     def set_epoch(self, epoch, start=0):
         self.epoch, self.start = epoch, start
@@ -1096,11 +1239,13 @@ class Loader:
         n = len(self.split)
         order = (np.random.default_rng([self.seed, self.epoch]).permutation(n) if self.shuffle else np.arange(n))
         for b in range(self.start, len(self)):
-            yield self.split.batch(order[b * self.batch_size:(b + 1) * self.batch_size])
+            idx = order[b * self.batch_size:(b + 1) * self.batch_size][self.rank::self.world]
+            if len(idx):  # a last batch smaller than `world` leaves some processes without rows
+                yield self.split.batch(idx)
 
 
-def make_loader(data_dir, split, batch_size, shuffle, seed=0, drop_last=False):
-    return Loader(Split(data_dir, split), batch_size, shuffle, seed, drop_last)
+def make_loader(data_dir, split, batch_size, shuffle, seed=0, drop_last=False, rank=0, world=1):
+    return Loader(Split(data_dir, split), batch_size, shuffle, seed, drop_last, rank, world)
 
 
 def builtin_dir(tiny=False):

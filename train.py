@@ -24,6 +24,7 @@ import argparse
 import copy
 import dataclasses
 import datetime
+import hashlib
 import importlib
 import importlib.util
 import inspect
@@ -33,6 +34,7 @@ import os
 import platform
 import random
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -70,7 +72,8 @@ class TrainConfig:
     device: str = "auto"  # auto: cuda, then mps, then cpu
     threads: int = 0  # CPU threads for torch (0: torch's default; small models run faster on 1)
     log_every: int = 100  # iterations between progress lines
-    amp: bool = False  # bfloat16 autocast (CUDA)
+    ckpt_every: int = 0  # also write last.pt every N iterations, inside an epoch (0: after each epoch only)
+    amp: str = "off"  # autocast: bf16 (CUDA; CPU too), fp16 (CUDA, with a gradient scaler), or off
     compile: bool = False  # torch.compile the model
     resume: bool = False  # continue the run in --out from its last.pt
     init: str = ""  # start from this checkpoint's (EMA) weights; any config of the same model
@@ -162,7 +165,8 @@ def parse_args(argv):
     p.add_argument("model", choices=list(MODELS), help="the model to train")
     p.add_argument("wrapper", nargs="?", choices=list(WRAPPERS), help="adaptive computation around it")
     add_flags(p.add_argument_group("trainer"), TrainConfig, "train", presets,
-              {"preset": ["auto", "paper", *presets], "device": ["auto", "cpu", "cuda", "mps"]})
+              {"preset": ["auto", "paper", *presets], "device": ["auto", "cpu", "cuda", "mps"],
+               "amp": ["off", "bf16", "fp16"]})
     add_flags(p.add_argument_group(f"{model_name} ({model_mod.__name__}.Config)"), model_mod.Config, "model", presets)
     if wrapper_mod:
         add_flags(p.add_argument_group(f"{wrapper_name} ({wrapper_mod.__name__}.Config)"), wrapper_mod.Config,
@@ -252,21 +256,58 @@ def set_rng_state(st):
     random.setstate((st["python"][0], tuple(st["python"][1]), st["python"][2]))
 
 
-def save_checkpoint(path, ckpt):
-    """Atomic: write a temp file in the same folder, flush it to disk, then rename it over `path`."""
+def tensor_digest(obj):
+    """sha1 of every tensor in a checkpoint, in order. torch.load does not notice damaged tensor bytes (they
+    are >99% of the file), so the digest is stored in the checkpoint and checked when it is read."""
+    h = hashlib.sha1()
+
+    def visit(x):
+        if isinstance(x, torch.Tensor):
+            h.update(x.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+        elif isinstance(x, dict):
+            for v in x.values():
+                visit(v)
+        elif isinstance(x, (list, tuple)):
+            for v in x:
+                visit(v)
+    visit(obj)
+    return h.hexdigest()
+
+
+def save_checkpoint(path, ckpt, keep=None):
+    """Atomic: write a temp file in the same folder, flush it to disk, then rename it over `path`.
+    `keep` (e.g. "prev.pt"): the file that `path` held is kept under this name (a hard link: no copy),
+    so a checkpoint damaged later has a good predecessor. `path` always exists once written: a crash,
+    SIGKILL or failed write (disk full) at any point leaves the old `path` or the new one, never neither."""
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        torch.save(ckpt, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    prev_tmp = keep and path.with_name(keep + ".tmp")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save({**ckpt, "digest": tensor_digest(ckpt)}, f)
+            f.flush()
+            os.fsync(f.fileno())
+        if keep and path.exists():
+            prev_tmp.unlink(missing_ok=True)
+            try:
+                os.link(path, prev_tmp)
+            except OSError:  # a file system without hard links
+                shutil.copyfile(path, prev_tmp)
+            os.replace(prev_tmp, path.with_name(keep))
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:  # torch.save reports a full disk as RuntimeError
+        for t in (tmp, prev_tmp):
+            if t:
+                t.unlink(missing_ok=True)
+        fail(f"could not write checkpoint {path} ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
+             f"{path.name} still holds the previous checkpoint, if there was one. Free disk space (or pick "
+             "another --out), then continue with --resume")
 
 
 CKPT_KEYS = {"model_name", "wrapper_name", "prefix", "config", "model", "ema", "optimizer", "scheduler", "epoch",
              "iter", "pos", "best_acc", "rng", "vocab_hash"}
 
 
-def read_checkpoint(path, model_name):
+def read_checkpoint(path, model_name, hint=""):
     """The checkpoint at `path`, or a clear error if it is missing, damaged, or of another model."""
     if not Path(path).is_file():
         fail(f"no checkpoint at {path}")
@@ -274,10 +315,13 @@ def read_checkpoint(path, model_name):
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # a truncated file, not a torch file, ...
         fail(f"cannot read checkpoint {path} ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
-             "the file is damaged or not a checkpoint")
+             f"the file is damaged or not a checkpoint{hint}")
+    if isinstance(ckpt, dict) and "digest" in ckpt and ckpt.pop("digest") != tensor_digest(ckpt):
+        fail(f"checkpoint {path} is damaged: its tensors do not match the checksum written with them (a disk "
+             f"or copy error){hint}")
     if not isinstance(ckpt, dict) or not CKPT_KEYS <= set(ckpt):
         fail(f"{path} is not a checkpoint written by train.py (it lacks "
-             f"{sorted(CKPT_KEYS - set(ckpt)) if isinstance(ckpt, dict) else 'everything'})")
+             f"{sorted(CKPT_KEYS - set(ckpt)) if isinstance(ckpt, dict) else 'everything'}){hint}")
     if ckpt["model_name"] != model_name:
         fail(f"checkpoint {path} holds a '{ckpt['model_name']}' model, not '{model_name}': "
              f"run `python train.py {ckpt['model_name']} ...`, or pick a {model_name} checkpoint")
@@ -333,6 +377,20 @@ class Tally:
         if "steps" in out:
             self.steps = (self.steps or 0.0) + out["steps"].float().sum().item()
 
+    def reduce(self, device):
+        """Sum the tallies of all processes of a distributed run (each must call it), so that every
+        question counts once; a no-op in a single process."""
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            t = torch.cat([self.n, self.hits, torch.tensor([self.loss, self.rows, self.steps or 0.0,
+                                                            self.steps is not None], dtype=torch.float64)])
+            t = t.to(device)
+            torch.distributed.all_reduce(t)
+            t, k = t.cpu(), len(self.n)
+            self.n, self.hits = t[:k], t[k:2 * k]
+            self.loss, self.rows, steps, has_steps = t[2 * k:].tolist()
+            self.rows, self.steps = int(self.rows), steps if has_steps else None
+        return self
+
     def summary(self):
         n = self.n.sum().item()
         rec = {"acc": self.hits.sum().item() / n if n else None, "loss": self.loss / n if n else None,
@@ -354,7 +412,14 @@ def evaluate(model, loader, device, autocast):
         known = batch["answer"] != -100
         loss = F.nll_loss(out["log_probs"].float()[known], batch["answer"][known]).item() if known.any() else 0.0
         tally.add(out, batch, loss)
-    return tally.summary()
+    return tally.reduce(device).summary()  # a distributed run: each process evaluated its share of val
+
+
+def all_ranks_mean(x):
+    """The mean of scalar tensor `x` over the processes (NaN if it is NaN on any of them)."""
+    x = x.detach().float().reshape(1).clone()
+    torch.distributed.all_reduce(x)
+    return x.item() / torch.distributed.get_world_size()
 
 
 def show(rec):
@@ -386,7 +451,10 @@ def resolve_configs(model_name, wrapper_name, model_mod, wrapper_mod, explicit, 
     path = Path(cfg.out) / "last.pt" if cfg.resume else Path(cfg.init) if cfg.init else None
     if cfg.resume and not path.is_file():
         fail(f"no checkpoint at {path} to resume; drop --resume to start a new run")
-    ckpt = read_checkpoint(path, model_name) if path else None
+    prev = path.with_name("prev.pt") if cfg.resume else None
+    hint = (f". The checkpoint written before it is kept: `cp {prev} {path}`, then --resume again continues "
+            "from there" if prev and prev.is_file() else "")
+    ckpt = read_checkpoint(path, model_name, hint) if path else None
     cfgs = {"train": cfg, "model": model_mod.Config(), "wrapper": wrapper_mod.Config() if wrapper_mod else None}
     if not (cfg.resume or cfg.eval_only):
         preset, why = cfg.preset if cfg.preset != "auto" else "paper" if cfg.data else "laptop", None
@@ -408,7 +476,7 @@ def resolve_configs(model_name, wrapper_name, model_mod, wrapper_mod, explicit, 
 
 
 def run(argv, model_name, wrapper_name, model_mod, wrapper_mod, explicit):
-    # distributed only when launched by torchrun: each process takes its share of every batch
+    # distributed only when launched by torchrun: each process reads its share of every batch (data.Loader)
     ddp = "RANK" in os.environ
     if ddp:
         torch.distributed.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
@@ -434,12 +502,19 @@ def run(argv, model_name, wrapper_name, model_mod, wrapper_mod, explicit):
         fail(f"checkpoint {ckpt_path} was trained on data with vocabulary {ckpt['vocab_hash']} "
              f"({ckpt.get('data_dir', '?')}), but {data_dir} has vocabulary {info['vocab_hash']}: word and "
              "answer indices would not match. Pass the --data it was trained on, or train from scratch")
-    train_loader = data.make_loader(data_dir, "train", cfg.batch_size, shuffle=True, seed=cfg.seed, drop_last=ddp)
-    val_loader = data.make_loader(data_dir, "val", cfg.batch_size, shuffle=False)
+    train_loader = data.make_loader(data_dir, "train", cfg.batch_size, shuffle=True, seed=cfg.seed, drop_last=ddp,
+                                    rank=rank, world=world)
+    val_loader = data.make_loader(data_dir, "val", cfg.batch_size, shuffle=False, rank=rank, world=world)
     device = pick_device(cfg.device, int(os.environ.get("LOCAL_RANK", 0)))
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if cfg.amp else nullcontext()
+    if cfg.amp == "fp16" and device.type != "cuda":
+        fail(f"--amp fp16 needs CUDA (its gradient scaler); on {device.type} use --amp bf16 or --amp off")
+    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.amp)
+    autocast = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else nullcontext()
+    scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16")  # fp16 only: scales the loss
 
     # model (a wrapper holds the inner model under `prefix`), optimizer, scheduler, weights, EMA copy
     seed_all(cfg.seed)
@@ -453,10 +528,22 @@ def run(argv, model_name, wrapper_name, model_mod, wrapper_mod, explicit):
     epoch, it, pos, best, rng = 0, 0, 0, -1.0, None
     resuming = cfg.resume and not cfg.eval_only
     if resuming:
-        raw.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
+        try:
+            raw.load_state_dict(ckpt["model"])
+            optimizer.load_state_dict(ckpt["optimizer"])
+            scheduler.load_state_dict(ckpt["scheduler"])
+        except (RuntimeError, ValueError, KeyError) as e:
+            fail(f"{ckpt_path} does not fit the {name} model built from its own config ({type(e).__name__}: "
+                 f"{str(e).splitlines()[0][:200]}); it was written by another version of the code. Start a new "
+                 f"run with --init {ckpt_path}, which loads the weights that fit and lists the rest")
+        if ckpt.get("scaler"):
+            scaler.load_state_dict(ckpt["scaler"])
         epoch, it, pos, best, rng = ckpt["epoch"], ckpt["iter"], ckpt["pos"], ckpt["best_acc"], ckpt["rng"]
+        if world > 1 and len(ckpt.get("rng_ranks") or []) == world:
+            rng = ckpt["rng_ranks"][rank]  # each process continues its own dropout stream
+        elif world != len(ckpt.get("rng_ranks") or [0]) and pos:
+            log(f"note: {ckpt_path} was written by a run with another number of processes; the same batches "
+                "follow, but dropout draws differ from an uninterrupted run until the epoch ends")
         log(f"resuming {ckpt_path}: epoch {epoch + 1}, batch {pos}, iteration {it}, best val acc {best:.4f}")
     elif ckpt:
         log(f"EMA weights from {ckpt_path} ({ckpt['model_name']} {ckpt['wrapper_name'] or ''}):")
@@ -482,13 +569,31 @@ def run(argv, model_name, wrapper_name, model_mod, wrapper_mod, explicit):
         (out / "run.json").write_text(json.dumps(record, indent=2) + "\n")
         log(f"run directory {out}")
     model = torch.compile(raw) if cfg.compile else raw
-    if ddp:
-        model = torch.nn.parallel.DistributedDataParallel(model, [device.index] if device.type == "cuda" else None)
+    if ddp:  # find_unused_parameters: PG+EE, DACT and others leave some parameters out of some batches
+        model = torch.nn.parallel.DistributedDataParallel(model, [device.index] if device.type == "cuda" else None,
+                                                          find_unused_parameters=True)
 
     def write(rec):
         if rank == 0:
             with open(out / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(rec) + "\n")
+
+    def checkpoint(rng, val_acc, is_best=False):
+        """last.pt (the one before it kept as prev.pt) and, if is_best, best.pt; every rank's RNG state."""
+        rngs = [rng] * world
+        if ddp:
+            torch.distributed.all_gather_object(rngs, rng)
+        if rank == 0:
+            state = {"model_name": model_name, "wrapper_name": wrapper_name, "prefix": prefix,
+                     "config": {part: c and dataclasses.asdict(c) for part, c in cfgs.items()},
+                     "model": raw.state_dict(), "ema": ema.state_dict(), "optimizer": optimizer.state_dict(),
+                     "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "epoch": epoch,
+                     "iter": it, "pos": pos, "best_acc": best, "val_acc": val_acc, "rng": rng,
+                     "rng_ranks": rngs if world > 1 else None, "vocab_hash": info["vocab_hash"],
+                     "data_dir": str(data_dir)}
+            save_checkpoint(out / "last.pt", state, keep="prev.pt")
+            if is_best:
+                save_checkpoint(out / "best.pt", state)
 
     n_batches = len(train_loader)
     train_time, train_questions, stop, last_val = 0.0, 0, bool(cfg.iters and it >= cfg.iters), None
@@ -504,21 +609,23 @@ def run(argv, model_name, wrapper_name, model_mod, wrapper_mod, explicit):
         epoch_tally, tally, t0 = Tally(), Tally(), time.perf_counter()
         for batch in batches:
             batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-            questions = len(batch["answer"])
-            if world > 1:
-                batch = {k: v[rank::world] for k, v in batch.items()}
+            questions = len(batch["answer"]) * world  # the global batch (this process read 1/world of it)
             with autocast:
                 out_ = model(batch)
                 loss = F.nll_loss(out_["log_probs"].float(), batch["answer"], ignore_index=-100)
                 loss = loss + out_.get("aux_loss", 0.0)
             loss_value = loss.item()
-            if not math.isfinite(loss_value):  # before the update: the weights and last.pt stay good
-                fail(f"the loss is {loss_value} at epoch {epoch + 1}, iteration {it + 1}; stopped. The last good "
-                     f"checkpoint is {out / 'last.pt'} (if an epoch finished); try a lower --lr or another --seed")
+            checked = all_ranks_mean(loss) if ddp else loss_value  # NaN on any process stops all of them
+            if not math.isfinite(checked):  # before the update: the weights and last.pt stay good
+                fail(f"the loss is {checked} at epoch {epoch + 1}, iteration {it + 1}; stopped before the "
+                     f"update. The last good checkpoint is {out / 'last.pt'} (written after each epoch and every "
+                     "--ckpt-every iterations); try a lower --lr or another --seed")
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            scaler.scale(loss).backward()  # DDP averages the gradients over the processes here
+            scaler.unscale_(optimizer)  # (the scaler is a no-op unless --amp fp16)
             gnorm = torch.nn.utils.clip_grad_norm_(raw.parameters(), cfg.clip if cfg.clip > 0 else math.inf)
-            optimizer.step()
+            scaler.step(optimizer)
+            scaler.update()
             with torch.no_grad():  # EMA, with TF's num_updates warm-up so that short runs average trained weights
                 decay = min(cfg.ema, (1 + it) / (10 + it))
                 for e, p in zip(ema.parameters(), raw.parameters()):
@@ -529,15 +636,17 @@ def run(argv, model_name, wrapper_name, model_mod, wrapper_mod, explicit):
             tally.add(out_, batch, loss_value)
             epoch_tally.add(out_, batch, loss_value)
             if it % cfg.log_every == 0:
-                dt, s = time.perf_counter() - t0, tally.summary()
+                dt, s = time.perf_counter() - t0, tally.reduce(device).summary()
                 train_time, t0 = train_time + dt, time.perf_counter()
                 log(f"epoch {epoch + 1} iter {it} | loss {s['loss']:.4f} | acc {100 * (s['acc'] or 0):.1f}% | "
-                    f"{tally.rows * world / dt:.0f} q/s | lr {optimizer.param_groups[0]['lr']:.2e} | "
+                    f"{tally.rows / dt:.0f} q/s | lr {optimizer.param_groups[0]['lr']:.2e} | "
                     f"grad norm {gnorm:.2f}")
                 tally = Tally()
             if cfg.iters and it >= cfg.iters:
                 stop = True
                 break
+            if cfg.ckpt_every and it % cfg.ckpt_every == 0 and pos < n_batches:  # the epoch's end writes its own
+                checkpoint(rng_state(), last_val)
         train_time += time.perf_counter() - t0
 
         # evaluate the EMA weights; the scheduler steps on whole epochs only; checkpoint
@@ -547,21 +656,12 @@ def run(argv, model_name, wrapper_name, model_mod, wrapper_mod, explicit):
             scheduler.step(val["acc"])
             epoch, pos = epoch + 1, 0
         epoch_f = round(epoch + pos / n_batches, 4) if pos else epoch  # fractional after an --iters stop
-        write({"split": "train", "epoch": epoch_f, "iter": it, **epoch_tally.summary(),
+        write({"split": "train", "epoch": epoch_f, "iter": it, **epoch_tally.reduce(device).summary(),
                "lr": optimizer.param_groups[0]["lr"], "questions_per_s": train_questions / max(train_time, 1e-9)})
         write({"split": "val", "epoch": epoch_f, "iter": it, **val})
         log(f"val after epoch {epoch_f} (iter {it}): {show(val)}")
         last_val, is_best, best = val["acc"], val["acc"] > best, max(best, val["acc"])
-        if rank == 0:
-            state = {"model_name": model_name, "wrapper_name": wrapper_name, "prefix": prefix,
-                     "config": {part: c and dataclasses.asdict(c) for part, c in cfgs.items()},
-                     "model": raw.state_dict(), "ema": ema.state_dict(), "optimizer": optimizer.state_dict(),
-                     "scheduler": scheduler.state_dict(), "epoch": epoch, "iter": it, "pos": pos,
-                     "best_acc": best, "val_acc": val["acc"], "rng": rng, "vocab_hash": info["vocab_hash"],
-                     "data_dir": str(data_dir)}
-            save_checkpoint(out / "last.pt", state)
-            if is_best:
-                save_checkpoint(out / "best.pt", state)
+        checkpoint(rng, val["acc"], is_best)
         t0 = time.perf_counter()
 
     speed = train_questions / max(train_time, 1e-9)

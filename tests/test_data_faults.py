@@ -1,0 +1,232 @@
+"""data.py and train.py on hostile inputs: malformed questions JSON, unknown program functions, missing
+images, h5 files of the wrong shape or dtype, a vocabulary from elsewhere. Each must give one DataError
+(one `error: ...` line from train.py) that names the file; fuzzed JSON and programs give nothing else.
+"""
+import json
+import shutil
+import tempfile
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import data
+import train
+
+QUIET = dict(log=lambda *a, **k: None)
+FUZZ = settings(max_examples=150, deadline=None, database=None, derandomize=True,
+                suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
+
+
+def good_question(**changes):
+    program = [{"function": "scene", "inputs": []}, {"function": "filter_color", "inputs": [0], "value_inputs": ["red"]},
+               {"function": "count", "inputs": [1]}]
+    return {"question": "How many red things are there?", "answer": "1", "program": program, "image_index": 0,
+            "question_family_index": 0, **changes}
+
+
+def prepare_questions(root, questions, **kw):
+    (root / "questions").mkdir(parents=True, exist_ok=True)
+    path = root / "questions" / "CLEVR_train_questions.json"
+    path.write_text(json.dumps({"questions": questions}) if not isinstance(questions, str) else questions)
+    kw.setdefault("images", "features")
+    kw.setdefault("features_dir", root / "no-features")
+    return data.prepare(root, root / "out", **kw, **QUIET)
+
+
+def error_of(argv):
+    with pytest.raises(SystemExit) as e:
+        train.main(argv)
+    assert isinstance(e.value.code, str) and e.value.code.startswith("error: ") and "\n" not in e.value.code
+    return e.value.code
+
+
+# ----------------------------------------------------------------------------------------------------
+# Questions JSON and programs
+
+def node(fn, inputs, *values):
+    return {"function": fn, "inputs": inputs, "value_inputs": list(values)}
+
+
+@pytest.mark.parametrize("question, message", [
+    ("not a dict", "is 'not a dict', not an object"),
+    ({"answer": "yes", "image_index": 0}, "'question' is None, not a string"),
+    (good_question(image_index="7"), "'image_index' is '7', not an image number"),
+    (good_question(image_index=-1), "'image_index' is -1"),
+    (good_question(answer=3), "'answer' is 3, not a string"),
+    (good_question(program=[node("scene", []), node("filter_colour", [0], "red"), node("count", [1])]),
+     "program node 1: unknown function 'filter_colour' (CLEVR's: count, equal_color"),
+    (good_question(program=[node("scene", []), node("count", [2]), node("exist", [1])]),
+     "program node 1 (count): inputs [2] are not indices of earlier nodes"),
+    (good_question(program=[node("scene", []), node("union", [0])]), "program node 1 (union) has 1 inputs; union takes 2"),
+    (good_question(program=[node("scene", []), node("filter_color", [0]), node("count", [1])]),
+     "program node 1 (filter_color): value_inputs []; filter_color takes 1 string(s)"),
+    (good_question(program=[]), "a program is a non-empty list of nodes"),
+    (good_question(program=[node("scene", [])] + [node("union", [i, i]) for i in range(8)]),
+     "roots a tree of more than 200 nodes"),  # shared inputs that would expand to 511 nodes
+])
+def test_a_bad_question_names_the_file_the_question_and_the_fix(tmp_path, question, message):
+    with pytest.raises(data.DataError) as e:
+        prepare_questions(tmp_path, [good_question(), question])
+    text = str(e.value)
+    assert text.startswith(f"{tmp_path / 'questions' / 'CLEVR_train_questions.json'}: question 1: ")
+    assert message in text and text.endswith("fix or remove this question")
+
+
+def test_malformed_questions_files(tmp_path):
+    for i, (text, message) in enumerate([("[1, 2]", "expected a JSON object with a 'questions' list"),
+                                         ('{"questions": []}', "the 'questions' list is empty"),
+                                         ('{"questions": [', "not valid JSON")]):
+        with pytest.raises(data.DataError, match=message) as e:
+            prepare_questions(tmp_path / str(i), text)
+        assert "CLEVR_train_questions.json" in str(e.value)
+
+
+def test_missing_image_files_are_named(tmp_path):
+    with pytest.raises(data.DataError, match=r"1 images of split train are missing, e.g. .*CLEVR_train_000000.png"):
+        prepare_questions(tmp_path, [good_question()], images="pixels")
+    with pytest.raises(data.DataError, match=r"no-features/train_features.h5: no such feature file"):
+        prepare_questions(tmp_path / "f", [good_question()])
+
+
+def test_a_vocabulary_from_another_dataset(tmp_path):
+    other = {"question_token_to_idx": dict(data.SPECIALS), "program_token_to_idx": dict(data.SPECIALS),
+             "answer_token_to_idx": dict(data.SPECIALS)}
+    (tmp_path / "other.json").write_text(json.dumps(other))
+    with pytest.raises(data.DataError, match=r"CLEVR_train_questions.json: program token 'count' is not in the "
+                                             r"vocabulary.*prepare without --vocab"):
+        prepare_questions(tmp_path, [good_question()], vocab=tmp_path / "other.json")
+    (tmp_path / "broken.json").write_text(json.dumps({"question_token_to_idx": {"a": 5}}))
+    with pytest.raises(data.DataError, match=r"broken.json: question_token_to_idx .* 0..n-1.*prepare the data again"):
+        prepare_questions(tmp_path / "b", [good_question()], vocab=tmp_path / "broken.json")
+
+
+# ----------------------------------------------------------------------------------------------------
+# A prepared directory with one file made bad: train.py says which, in one line
+
+@pytest.fixture
+def prepared(tiny_data, tmp_path):
+    out = tmp_path / "prepared"
+    shutil.copytree(tiny_data, out)
+    info = json.loads((out / "info.json").read_text())
+    for split, f in info["images"].items():  # the features may be named by absolute path: copy them too
+        shutil.copy(Path(tiny_data) / Path(f).name if not Path(f).is_absolute() else f, out / Path(f).name)
+        info["images"][split] = Path(f).name
+    (out / "info.json").write_text(json.dumps(info))
+    return out
+
+
+def rewrite_h5(path, name, array):
+    with h5py.File(path, "a") as f:
+        del f[name]
+        f.create_dataset(name, data=array)
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda d: rewrite_h5(d / "train_questions.h5", "questions", np.zeros((4, 5), np.float32)),
+     "train_questions.h5: dataset 'questions' is (4, 5) float32; expected 2-D integers"),
+    (lambda d: rewrite_h5(d / "train_questions.h5", "answers", np.full(4, 10 ** 6)),
+     "'answers' holds values from 1000000 to 1000000, outside 0.."),
+    (lambda d: rewrite_h5(d / "train_questions.h5", "image_idxs", np.zeros(3, np.int64)),
+     "train_questions.h5: its datasets have different lengths"),
+    (lambda d: (d / "train_questions.h5").write_bytes(b"not h5"), "train_questions.h5: not a readable h5 file"),
+    (lambda d: (d / "train_questions.h5").unlink(), "train_questions.h5: no such file (questions)"),
+    (lambda d: rewrite_h5(d / "train_features.h5", "features", np.zeros((4, 34, 3, 3), np.float16)),
+     "train_features.h5: dataset 'features' has shape (4, 34, 3, 3)"),
+    (lambda d: rewrite_h5(d / "train_features.h5", "features", np.zeros((4, 34, 4, 4), np.int8)),
+     "and dtype int8; expected float (N, 34, 4, 4)"),
+    (lambda d: (d / "train_features.h5").unlink(), "train_features.h5: no such feature file"),
+    (lambda d: (d / "vocab.json").write_text('{"question_token_to_idx": []}'), "vocab.json: question_token_to_idx"),
+    (lambda d: (d / "info.json").write_text('{"images": 3}'), "info.json: expected image_kind pixels|features"),
+])
+def test_a_bad_file_in_a_prepared_directory_is_named(prepared, tmp_path, damage, message):
+    damage(prepared)
+    msg = error_of(["mac", "--data", str(prepared), "--out", str(tmp_path / "run"), "--iters", "1", "--dim", "8"])
+    assert message in msg
+
+
+def test_pixel_images_of_the_wrong_dtype(prepared, tmp_path):
+    with h5py.File(prepared / "train_images.h5", "w") as f:
+        f.create_dataset("images", data=np.zeros((4, 3, 8, 8), np.float32))
+    info = json.loads((prepared / "info.json").read_text())
+    (prepared / "info.json").write_text(json.dumps(dict(info, image_kind="pixels", images={"train": "train_images.h5"})))
+    msg = error_of(["mac", "--data", str(prepared), "--out", str(tmp_path / "run"), "--iters", "1"])
+    assert "train_images.h5: expected a dataset 'images' (N, 3, H, W) uint8, found (4, 3, 8, 8) float32" in msg
+
+
+# ----------------------------------------------------------------------------------------------------
+# Fuzzing: nothing but DataError comes out of the JSON and program parsing
+
+JSON = st.recursive(st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=6),
+                    lambda c: st.lists(c, max_size=3) | st.dictionaries(st.text(max_size=6), c, max_size=3),
+                    max_leaves=8)
+FN = st.sampled_from(sorted(data.FUNCTIONS)) | st.text(max_size=12) | JSON
+VALUE = st.sampled_from(["red", "cube", "left", "", "a]b[c"]) | st.text(max_size=4)
+NODE = st.fixed_dictionaries({"function": FN}, optional={
+    "inputs": st.lists(st.integers(-2, 8), max_size=3) | JSON, "value_inputs": st.lists(VALUE, max_size=2) | JSON,
+    "type": FN, "side_inputs": JSON})
+
+
+@st.composite
+def clevr_programs(draw):
+    """A valid CLEVR program (a random tree), then, half the time, one node's field replaced by junk."""
+    def tree(depth):
+        fn = draw(st.sampled_from(sorted(data.FUNCTIONS)) if depth < 4 else st.just("scene"))
+        value = [draw(VALUE)] if fn.startswith("filter_") or fn == "relate" else []
+        tokens = [f"{fn}[{value[0]}]" if value else fn]
+        for _ in range(data.arity(fn)):
+            tokens += tree(depth + 1)
+        return tokens
+    program = data.prefix_to_list(tree(0))
+    if draw(st.booleans()):
+        i = draw(st.integers(0, len(program) - 1))
+        program[i][draw(st.sampled_from(["function", "inputs", "value_inputs"]))] = draw(JSON | FN)
+    return program
+
+
+PROGRAMS = clevr_programs() | st.lists(NODE, max_size=6) | JSON
+
+
+@FUZZ
+@given(PROGRAMS)
+def test_fuzz_program_lists(program):
+    try:
+        tokens = data.list_to_prefix(program)
+    except data.DataError:
+        return
+    assert all(isinstance(t, str) for t in tokens) and len(tokens) <= data.MAX_PROGRAM_NODES
+    assert data.tree_to_prefix(data.prefix_to_tree(tokens)) == tokens
+    assert data.list_to_prefix(data.prefix_to_list(tokens)) == tokens
+
+
+@FUZZ
+@given(st.lists(st.sampled_from(sorted(data.FUNCTIONS) + ["filter_color[red]", "relate[left]"]) | st.text(max_size=5)
+                | JSON, max_size=12) | JSON)
+def test_fuzz_prefix_programs(tokens):
+    try:
+        tree = data.prefix_to_tree(tokens)
+    except data.DataError:
+        return
+    assert data.tree_to_prefix(tree) == tokens
+
+
+QUESTION = st.fixed_dictionaries(
+    {"question": st.text(max_size=20) | JSON, "image_index": st.integers(-1, 3) | JSON},
+    optional={"answer": st.sampled_from(["yes", "2"]) | JSON, "program": PROGRAMS,
+              "question_family_index": st.integers(-2, 3) | JSON, "question_index": JSON}) | JSON
+
+
+@FUZZ
+@given(st.binary(max_size=40) | st.builds(lambda q: json.dumps({"questions": q}).encode(), st.lists(QUESTION, max_size=3))
+       | st.builds(lambda d: json.dumps(d).encode(), JSON))
+def test_fuzz_questions_json_through_prepare(raw):
+    with tempfile.TemporaryDirectory() as d:
+        root = Path(d)
+        (root / "questions").mkdir()
+        (root / "questions" / "CLEVR_train_questions.json").write_bytes(raw)
+        with pytest.raises(data.DataError) as e:  # valid questions end at the missing feature file
+            data.prepare(root, root / "out", images="features", features_dir=root / "none", **QUIET)
+        assert "CLEVR_train_questions.json" in str(e.value) or "none/train_features.h5: no such feature file" in str(e.value)
