@@ -41,10 +41,10 @@ NULL, START, END, UNK = data.NULL, data.START, data.END, data.UNK
 
 @dataclass
 class PGEEConfig:
-    stage: Literal["pg", "ee", "joint"] = "ee"  # Sec. 4.1: pg = PG on programs, ee = EE on programs, joint = REINFORCE
+    stage: Literal["pg", "ee", "joint"] = "ee"  # Sec. 4.1: pg / ee on ground-truth programs; joint: REINFORCE
     num_programs: int = 0  # Sec. 4.1: pg stage on a seeded random subset of N ground-truth programs (0: all)
     program_seed: int = 0  # which N programs: a seeded random subset, not the first N
-    exec: Literal["topo", "naive"] = "topo"  # EE executor: batched by tree height (topo_exec.py) or per example (clevr-iep)
+    exec: Literal["topo", "naive"] = "topo"  # EE executor: batched by height (topo_exec.py) or per example (clevr-iep)
     embed_dim: int = 300  # clevr-iep: word and program-token embeddings (wordvec_dim)
     hidden_dim: int = 256  # clevr-iep: LSTM hidden size (rnn_hidden_dim)
     rnn_layers: int = 2  # clevr-iep: 2-layer encoder and decoder LSTMs
@@ -55,9 +55,10 @@ class PGEEConfig:
     reward_decay: float = 0.9  # clevr-iep: moving-average baseline b <- 0.9 b + 0.1 mean(reward)
 
 
-# Smaller sizes so that the EE stage reaches 95% val within about 10 minutes on one CPU thread on the
-# built-in mini-CLEVR (measured in the README); keys that are not PGEEConfig fields set the trainer.
-# lr 5e-4 and batch 64 are the paper's (Sec. 4.1), not the trainer's MAC defaults.
+# Smaller sizes for one CPU thread on the built-in mini-CLEVR: an EE step on a batch of 64 takes about
+# 90 ms (module_dim 32), so an epoch of 50K questions about 75 s. Not from the paper; the 95% target
+# is not reached yet (README). Keys that are not PGEEConfig fields set the trainer; lr 5e-4 and batch
+# 64 are the IEP paper's (Sec. 4.1) but print as "(paper 0.0001)": the trainer's defaults are MAC's.
 PRESETS = {
     "laptop": dict(embed_dim=64, hidden_dim=128, module_dim=32, classifier_proj_dim=64, classifier_fc_dim=256,
                    lr=5e-4, batch_size=64, epochs=7, lr_patience=2, threads=1),
@@ -247,10 +248,11 @@ if __name__ == "__main__":
     prefix = [["count", "union", "filter_color[red]", "scene", "scene"], ["query_shape", "unique", "scene"],
               ["equal_integer", "count", "scene", "count", "filter_color[red]", "scene"], ["exist", "scene"]]
     P = 2 + max(map(len, prefix))
-    program = torch.tensor([[START] + [tokens.index(t) for t in p] + [END] + [NULL] * (P - 2 - len(p)) for p in prefix])
+    program = torch.tensor([[START, *map(tokens.index, p), END] + [NULL] * (P - 2 - len(p)) for p in prefix])
     lens = torch.tensor([9, 5, 3, 7])
-    batch = dict(image=torch.randn(4, 16, 6, 6), question=torch.randint(3, 20, (4, 9)) * (torch.arange(9) < lens[:, None]),
-                 question_len=lens, program=program, answer=torch.randint(0, 7, (4,)))
+    question = torch.randint(3, 20, (4, 9)) * (torch.arange(9) < lens[:, None])  # (B, L), 0-padded
+    batch = dict(image=torch.randn(4, 16, 6, 6), question=question, question_len=lens, program=program,
+                 answer=torch.randint(0, 7, (4,)))
     cfg = PGEEConfig(embed_dim=16, hidden_dim=32, module_dim=8, classifier_proj_dim=8, classifier_fc_dim=16)
     for stage in ("pg", "ee", "joint"):
         model = PGEE(PGEEConfig(**{**cfg.__dict__, "stage": stage}), info)

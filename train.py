@@ -542,7 +542,8 @@ def run(argv, model_name, wrapper_name, model_mod, wrapper_mod, explicit):
                 train_time, t0 = train_time + dt, time.perf_counter()
                 log(f"epoch {epoch + 1} iter {it} | loss {s['loss']:.4f} | acc {100 * (s['acc'] or 0):.1f}% | "
                     f"{tally.rows * world / dt:.0f} q/s | lr {optimizer.param_groups[0]['lr']:.2e} | "
-                    f"grad norm {gnorm:.2f}" + "".join(f" | {k} {100 * v:.1f}%" for k, v in s.get("metrics", {}).items()))
+                    f"grad norm {gnorm:.2f}"
+                    + "".join(f" | {k} {100 * v:.1f}%" for k, v in s.get("metrics", {}).items()))
                 tally = Tally()
             if cfg.iters and it >= cfg.iters:
                 stop = True

@@ -149,7 +149,8 @@ def test_topo_and_naive_execution_give_the_same_answers(info, batch):
 def test_classifier_is_sized_to_the_input_resolution(info):
     for shape in [(34, 6, 6), (1024, 14, 14)]:
         m = model({**info, "image_shape": shape}, stage="ee")
-        program = torch.tensor([[START, info["program_tokens"].index("exist"), info["program_tokens"].index("scene"), END]])
+        exist, scene = info["program_tokens"].index("exist"), info["program_tokens"].index("scene")
+        program = torch.tensor([[START, exist, scene, END]])
         assert m.execute(torch.randn(1, *shape), program).shape == (1, info["num_answers"])
 
 
