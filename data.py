@@ -1152,7 +1152,9 @@ def load_info(data_dir):
         shape = tuple(f[name].shape[1:])
     answers = sorted(vocab["answer_token_to_idx"], key=vocab["answer_token_to_idx"].get)
     return {"num_words": len(vocab["question_token_to_idx"]), "num_answers": len(answers),
-            "num_program_tokens": len(vocab["program_token_to_idx"]), "image_kind": info["image_kind"],
+            "num_program_tokens": len(vocab["program_token_to_idx"]),
+            "program_tokens": sorted(vocab["program_token_to_idx"], key=vocab["program_token_to_idx"].get),
+            "image_kind": info["image_kind"],
             "image_shape": shape, "vocab_hash": vocab_hash(vocab), "answers": answers,
             "splits": list(info["images"]), "data_dir": str(d), "dataset": info.get("dataset", "CLEVR")}
 
@@ -1220,24 +1222,27 @@ class Loader:
     """Batches of a Split. The shuffled order is a function of (seed, epoch) alone, and `start`
     skips the batches already done, so a resumed run sees exactly the batches it would have.
     Distributed (`world` processes): process `rank` reads rows rank, rank + world, ... of every global
-    batch, so the processes together see the single-process batches, each question exactly once."""
+    batch, so the processes together see the single-process batches, each question exactly once.
+
+    `rows` (an int array, or None for all) restricts it to those rows of the split."""
 
     def __init__(self, split, batch_size, shuffle, seed=0, drop_last=False, rank=0, world=1):
         self.split, self.batch_size, self.shuffle, self.seed = split, batch_size, shuffle, seed
         self.drop_last = drop_last and len(split) >= batch_size  # a split smaller than a batch still yields it
-        self.epoch, self.start = 0, 0
+        self.epoch, self.start, self.rows = 0, 0, None
         self.rank, self.world = rank, world
 
     def set_epoch(self, epoch, start=0):
         self.epoch, self.start = epoch, start
 
     def __len__(self):
-        n = len(self.split)
+        n = len(self.split) if self.rows is None else len(self.rows)
         return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
 
     def __iter__(self):
-        n = len(self.split)
+        n = len(self.split) if self.rows is None else len(self.rows)
         order = (np.random.default_rng([self.seed, self.epoch]).permutation(n) if self.shuffle else np.arange(n))
+        order = order if self.rows is None else np.asarray(self.rows)[order]
         for b in range(self.start, len(self)):
             idx = order[b * self.batch_size:(b + 1) * self.batch_size][self.rank::self.world]
             if len(idx):  # a last batch smaller than `world` leaves some processes without rows

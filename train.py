@@ -11,6 +11,9 @@
 A model module (mac.py, ...) exposes `Config` (a dataclass with the paper's defaults, one comment per
 field), `Model(cfg, info)` whose `forward(batch)` returns {"log_probs": (B, A)} plus, where the model has
 them, "aux_loss" (a scalar added to the loss) and "steps" (B,), and `PRESETS` {name: {field: value}}.
+Optional too: "loss" (a scalar that replaces the answer NLL, e.g. a program generator's own loss),
+"metrics" ({name: (B,) values in [0, 1]}, averaged like the accuracy and logged beside it), and a
+method `train_subset(n) -> row indices or None`: the training questions to learn from, of the n.
 A wrapper module (act.py, dact.py) exposes `Config` and `Model(inner_model, cfg)`. Every Config field
 becomes a flag (`max_steps` -> `--max-steps`, bools as `--x/--no-x`), its comment becomes the help.
 
@@ -363,7 +366,7 @@ class Tally:
 
     def __init__(self):
         self.n, self.hits = torch.zeros(2, len(KINDS) + 1, dtype=torch.float64)  # last slot: kind -1
-        self.loss, self.rows, self.steps = 0.0, 0, None
+        self.loss, self.rows, self.steps, self.metrics = 0.0, 0, None, {}
 
     def add(self, out, batch, loss):
         answer, kind = batch["answer"], batch["kind"].clone()
@@ -376,6 +379,8 @@ class Tally:
         self.rows += len(answer)
         if "steps" in out:
             self.steps = (self.steps or 0.0) + out["steps"].float().sum().item()
+        for k, v in out.get("metrics", {}).items():  # the model's own per-example metrics
+            self.metrics[k] = self.metrics.get(k, 0.0) + v.float().sum().item()
 
     def reduce(self, device):
         """Sum the tallies of all processes of a distributed run (each must call it), so that every
@@ -389,6 +394,10 @@ class Tally:
             self.n, self.hits = t[:k], t[k:2 * k]
             self.loss, self.rows, steps, has_steps = t[2 * k:].tolist()
             self.rows, self.steps = int(self.rows), steps if has_steps else None
+            if self.metrics:  # the model's own metrics: the same names on every process
+                m = torch.tensor(list(self.metrics.values()), dtype=torch.float64, device=device)
+                torch.distributed.all_reduce(m)
+                self.metrics = dict(zip(self.metrics, m.cpu().tolist()))
         return self
 
     def summary(self):
@@ -398,6 +407,8 @@ class Tally:
                                for i, k in enumerate(KINDS)}, "n": int(n)}
         if self.steps is not None:
             rec["avg_steps"] = self.steps / self.rows
+        if self.metrics:
+            rec["metrics"] = {k: v / self.rows for k, v in self.metrics.items()}
         return rec
 
 
@@ -411,6 +422,7 @@ def evaluate(model, loader, device, autocast):
             out = model(batch)
         known = batch["answer"] != -100
         loss = F.nll_loss(out["log_probs"].float()[known], batch["answer"][known]).item() if known.any() else 0.0
+        loss = out["loss"].item() if "loss" in out else loss
         tally.add(out, batch, loss)
     return tally.reduce(device).summary()  # a distributed run: each process evaluated its share of val
 
@@ -426,6 +438,7 @@ def show(rec):
     pct = lambda a: "-" if a is None else f"{100 * a:.1f}"
     kinds = ", ".join(f"{k} {pct(a)}" for k, a in rec["acc_by_kind"].items() if a is not None)  # none on GQA
     steps = f", avg steps {rec['avg_steps']:.2f}" if "avg_steps" in rec else ""
+    steps += "".join(f", {k} {pct(v)}%" for k, v in rec.get("metrics", {}).items())
     return f"acc {pct(rec['acc'])}%{f' ({kinds})' if kinds else ''}, loss {rec['loss'] or 0:.4f}{steps}"
 
 
@@ -523,6 +536,9 @@ def run(argv, model_name, wrapper_name, model_mod, wrapper_mod, explicit):
     prefix = next(n + "." for n, m in raw.named_modules() if m is inner) if raw is not inner else ""
     raw.to(device)
     optimizer = torch.optim.Adam([p for p in raw.parameters() if p.requires_grad], lr=cfg.lr)
+    if (rows := getattr(inner, "train_subset", lambda n: None)(len(train_loader.split))) is not None:
+        train_loader.rows = rows  # the model learns from these training questions only
+        log(f"training on {len(rows)} of the {len(train_loader.split)} training questions")
     scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="max", factor=cfg.lr_factor,
                                                            patience=cfg.lr_patience)
     epoch, it, pos, best, rng = 0, 0, 0, -1.0, None
@@ -612,7 +628,8 @@ def run(argv, model_name, wrapper_name, model_mod, wrapper_mod, explicit):
             questions = len(batch["answer"]) * world  # the global batch (this process read 1/world of it)
             with autocast:
                 out_ = model(batch)
-                loss = F.nll_loss(out_["log_probs"].float(), batch["answer"], ignore_index=-100)
+                loss = out_["loss"] if "loss" in out_ else \
+                    F.nll_loss(out_["log_probs"].float(), batch["answer"], ignore_index=-100)
                 loss = loss + out_.get("aux_loss", 0.0)
             loss_value = loss.item()
             checked = all_ranks_mean(loss) if ddp else loss_value  # NaN on any process stops all of them
@@ -640,7 +657,8 @@ def run(argv, model_name, wrapper_name, model_mod, wrapper_mod, explicit):
                 train_time, t0 = train_time + dt, time.perf_counter()
                 log(f"epoch {epoch + 1} iter {it} | loss {s['loss']:.4f} | acc {100 * (s['acc'] or 0):.1f}% | "
                     f"{tally.rows / dt:.0f} q/s | lr {optimizer.param_groups[0]['lr']:.2e} | "
-                    f"grad norm {gnorm:.2f}")
+                    f"grad norm {gnorm:.2f}"
+                    + "".join(f" | {k} {100 * v:.1f}%" for k, v in s.get("metrics", {}).items()))
                 tally = Tally()
             if cfg.iters and it >= cfg.iters:
                 stop = True
