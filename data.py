@@ -1064,10 +1064,10 @@ def load_vocab(path):
 
 def _read_info(path):
     info = _load_json(path, "data info")
-    if (not isinstance(info, dict) or info.get("image_kind") not in ("pixels", "features")
+    if (not isinstance(info, dict) or info.get("image_kind") not in ("pixels", "features", "objects")
             or not isinstance(info.get("images"), dict) or not info["images"]
             or not all(isinstance(v, str) for v in info["images"].values())):
-        raise DataError(f"{path}: expected image_kind pixels|features and images {{split: file}}, as written by "
+        raise DataError(f"{path}: expected image_kind pixels|features|objects and images {{split: file}}, as written by "
                         "`python data.py prepare`: prepare the data again")
     return info
 
