@@ -69,6 +69,7 @@ class TrainConfig:
     lr: float = 1e-4  # MAC paper: Adam
     clip: float = 8.0  # MAC paper: gradient-norm clipping (0: off)
     ema: float = 0.999  # MAC paper: decay of the weight average used for evaluation (0: off)
+    schedule: typing.Literal["plateau", "cosine"] = "plateau"  # plateau: ReduceLROnPlateau on val accuracy (MAC official code); cosine: to 0 by the last epoch
     lr_factor: float = 0.5  # ReduceLROnPlateau on val accuracy (MAC official code)
     lr_patience: int = 0  # epochs without a better val accuracy before the lr is cut (0: the first)
     seed: int = 0  # weights, dropout and shuffling
@@ -612,6 +613,7 @@ def run(argv, model_name, wrapper_name, model_mod, wrapper_mod, explicit):
                 save_checkpoint(out / "best.pt", state)
 
     n_batches = len(train_loader)
+    total_iters = max(cfg.epochs * n_batches, 1)  # --schedule cosine: over --epochs (not --iters, a stop)
     train_time, train_questions, stop, last_val = 0.0, 0, bool(cfg.iters and it >= cfg.iters), None
     while epoch < cfg.epochs and not stop:
         train_loader.set_epoch(epoch, start=pos)
@@ -637,6 +639,9 @@ def run(argv, model_name, wrapper_name, model_mod, wrapper_mod, explicit):
                 fail(f"the loss is {checked} at epoch {epoch + 1}, iteration {it + 1}; stopped before the "
                      f"update. The last good checkpoint is {out / 'last.pt'} (written after each epoch and every "
                      "--ckpt-every iterations); try a lower --lr or another --seed")
+            if cfg.schedule == "cosine":  # a function of the iteration alone, so --resume needs no state
+                for g in optimizer.param_groups:
+                    g["lr"] = cfg.lr * 0.5 * (1 + math.cos(math.pi * min(it / total_iters, 1.0)))
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()  # DDP averages the gradients over the processes here
             scaler.unscale_(optimizer)  # (the scaler is a no-op unless --amp fp16)
@@ -671,7 +676,8 @@ def run(argv, model_name, wrapper_name, model_mod, wrapper_mod, explicit):
         rng = rng_state()  # taken before evaluation: a resumed run continues from here
         val = evaluate(ema, val_loader, device, autocast)
         if pos >= n_batches:
-            scheduler.step(val["acc"])
+            if cfg.schedule == "plateau":
+                scheduler.step(val["acc"])
             epoch, pos = epoch + 1, 0
         epoch_f = round(epoch + pos / n_batches, 4) if pos else epoch  # fractional after an --iters stop
         write({"split": "train", "epoch": epoch_f, "iter": it, **epoch_tally.reduce(device).summary(),

@@ -7,6 +7,7 @@ takes milliseconds: the trainer is what is under test here, not the model.
 import argparse
 import dataclasses
 import json
+import math
 import subprocess
 import sys
 import typing
@@ -173,6 +174,19 @@ def test_resume_continues_exactly(tiny_data, tmp_path):
         assert all(torch.equal(state[k], b["optimizer"]["state"][i][k]) for k in state)
     assert a["scheduler"] == b["scheduler"]
     assert len(json.loads((tmp_path / "cut" / "run.json").read_text())["resumed"]) == 1
+
+
+def test_cosine_schedule_decays_to_zero_and_resumes_exactly(tiny_data, tmp_path):
+    n = len(data.make_loader(tiny_data, "train", 16, shuffle=True))
+    flags = ["--epochs", "2", "--schedule", "cosine", "--lr", "1e-3"]
+    train_mac(tiny_data, tmp_path / "whole", *flags)
+    lrs = [r["lr"] for r in records(tmp_path / "whole") if r["split"] == "train"]
+    assert lrs[0] < 1e-3 and lrs[1] < lrs[0] and lrs[1] == pytest.approx(0.5e-3 * (1 + math.cos(math.pi * (2 * n - 1) / (2 * n))))
+    train_mac(tiny_data, tmp_path / "cut", *flags, "--iters", str(n + 2))
+    train.main(["mac", "--out", str(tmp_path / "cut"), "--resume"])
+    a, b = load(tmp_path / "whole" / "last.pt"), load(tmp_path / "cut" / "last.pt")
+    for key in a["model"]:
+        assert torch.equal(a["model"][key], b["model"][key]), key
 
 
 def test_init_into_another_config_reports_the_keys(run_dir, tiny_data, tmp_path, capsys):
