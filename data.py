@@ -283,7 +283,7 @@ def execute(program, scene):
 
 GENERATOR_VERSION = 3  # bumped whenever the built-in data changes (3: scene-CNN predictions as features)
 BUILTIN = {  # sizes of the two built-in datasets
-    "default": dict(train_images=5000, val_images=1000, questions_per_image=20, image_size=48, max_objects=5),
+    "default": dict(train_images=5000, val_images=500, questions_per_image=20, image_size=48, max_objects=5),
     "tiny": dict(train_images=48, val_images=16, questions_per_image=5, image_size=32, max_objects=5),
 }
 RGB = {"gray": (87, 87, 87), "red": (173, 35, 35), "blue": (42, 75, 215), "green": (29, 105, 20),

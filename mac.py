@@ -41,9 +41,9 @@ class MACConfig:
 # Smaller sizes for a ~15-minute CPU run on the built-in mini-CLEVR (not from the paper; measured in
 # the README). Keys that are not MACConfig fields set the trainer.
 PRESETS = {
-    "laptop": dict(dim=64, embed_dim=64, max_steps=4, pixel_channels=(32, 64, 64),
+    "laptop": dict(dim=64, embed_dim=64, pixel_channels=(32, 64, 64),
                    stem_dropout=0.0, question_dropout=0.0, memory_dropout=0.0, output_dropout=0.0,
-                   lr=2e-3, schedule="cosine", batch_size=128, epochs=19, threads=2),
+                   lr=2e-3, batch_size=128, epochs=9, lr_patience=2, threads=2),
     # GQA, as the DACT code trains MAC on it (config/gqa_defaults.py; DACT paper Sec. 5): 4 steps,
     # 5 epochs; train.py picks it when the data's info.json says GQA
     "gqa": dict(max_steps=4, epochs=5),
