@@ -563,7 +563,7 @@ def run(argv, model_name, wrapper_name, model_mod, wrapper_mod, explicit):
                 "follow, but dropout draws differ from an uninterrupted run until the epoch ends")
         log(f"resuming {ckpt_path}: epoch {epoch + 1}, batch {pos}, iteration {it}, best val acc {best:.4f}")
     elif ckpt:
-        log(f"EMA weights from {ckpt_path} ({ckpt['model_name']} {ckpt['wrapper_name'] or ''}):")
+        log(f"EMA weights from {ckpt_path} ({' + '.join(filter(None, (ckpt['model_name'], ckpt['wrapper_name'])))}):")
         load_weights(raw, ckpt["ema"], ckpt["prefix"], prefix, log)
     ema = copy.deepcopy(raw).requires_grad_(False)
     if resuming:
