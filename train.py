@@ -14,6 +14,11 @@ them, "aux_loss" (a scalar added to the loss) and "steps" (B,), and `PRESETS` {n
 Optional too: "loss" (a scalar that replaces the answer NLL, e.g. a program generator's own loss),
 "metrics" ({name: (B,) values in [0, 1]}, averaged like the accuracy and logged beside it), and a
 method `train_subset(n) -> row indices or None`: the training questions to learn from, of the n.
+Two more optional hooks: a model attribute `progress` is set to (iteration / iterations of --epochs)
+before every training forward (schedules inside the loss, e.g. LNMN's entropy weight); and a method
+`arch_optimizer() -> torch optimizer` (DARTS-style bilevel training, LNMN): its parameters are left out
+of the trainer's optimizer and stepped by it after every weight update, on NLL + out["arch_loss"] of a
+batch of the training rows that `train_subset` left out (drawn by (seed, iteration): exact on resume).
 A wrapper module (act.py, dact.py) exposes `Config` and `Model(inner_model, cfg)`. Every Config field
 becomes a flag (`max_steps` -> `--max-steps`, bools as `--x/--no-x`), its comment becomes the help.
 
@@ -536,10 +541,14 @@ def run(argv, model_name, wrapper_name, model_mod, wrapper_mod, explicit):
     raw = wrapper_mod.Model(inner, wcfg) if wrapper_mod else inner
     prefix = next(n + "." for n, m in raw.named_modules() if m is inner) if raw is not inner else ""
     raw.to(device)
-    optimizer = torch.optim.Adam([p for p in raw.parameters() if p.requires_grad], lr=cfg.lr)
+    arch_opt = inner.arch_optimizer() if hasattr(inner, "arch_optimizer") else None  # (see the docstring)
+    arch_ids = {id(p) for g in arch_opt.param_groups for p in g["params"]} if arch_opt else set()
+    optimizer = torch.optim.Adam([p for p in raw.parameters() if p.requires_grad and id(p) not in arch_ids], lr=cfg.lr)
     if (rows := getattr(inner, "train_subset", lambda n: None)(len(train_loader.split))) is not None:
         train_loader.rows = rows  # the model learns from these training questions only
         log(f"training on {len(rows)} of the {len(train_loader.split)} training questions")
+    held_out = np.setdiff1d(np.arange(len(train_loader.split)), train_loader.rows if rows is not None else [])
+    with_progress = [m for m in raw.modules() if hasattr(m, "progress")]
     scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="max", factor=cfg.lr_factor,
                                                            patience=cfg.lr_patience)
     epoch, it, pos, best, rng = 0, 0, 0, -1.0, None
@@ -549,6 +558,8 @@ def run(argv, model_name, wrapper_name, model_mod, wrapper_mod, explicit):
             raw.load_state_dict(ckpt["model"])
             optimizer.load_state_dict(ckpt["optimizer"])
             scheduler.load_state_dict(ckpt["scheduler"])
+            if arch_opt:
+                arch_opt.load_state_dict(ckpt["arch_optimizer"])
         except (RuntimeError, ValueError, KeyError) as e:
             fail(f"{ckpt_path} does not fit the {name} model built from its own config ({type(e).__name__}: "
                  f"{str(e).splitlines()[0][:200]}); it was written by another version of the code. Start a new "
@@ -605,6 +616,7 @@ def run(argv, model_name, wrapper_name, model_mod, wrapper_mod, explicit):
                      "config": {part: c and dataclasses.asdict(c) for part, c in cfgs.items()},
                      "model": raw.state_dict(), "ema": ema.state_dict(), "optimizer": optimizer.state_dict(),
                      "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "epoch": epoch,
+                     "arch_optimizer": arch_opt.state_dict() if arch_opt else None,
                      "iter": it, "pos": pos, "best_acc": best, "val_acc": val_acc, "rng": rng,
                      "rng_ranks": rngs if world > 1 else None, "vocab_hash": info["vocab_hash"],
                      "data_dir": str(data_dir)}
@@ -628,6 +640,8 @@ def run(argv, model_name, wrapper_name, model_mod, wrapper_mod, explicit):
         for batch in batches:
             batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
             questions = len(batch["answer"]) * world  # the global batch (this process read 1/world of it)
+            for m in with_progress:
+                m.progress = it / total_iters
             with autocast:
                 out_ = model(batch)
                 loss = out_["loss"] if "loss" in out_ else \
@@ -645,9 +659,19 @@ def run(argv, model_name, wrapper_name, model_mod, wrapper_mod, explicit):
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()  # DDP averages the gradients over the processes here
             scaler.unscale_(optimizer)  # (the scaler is a no-op unless --amp fp16)
-            gnorm = torch.nn.utils.clip_grad_norm_(raw.parameters(), cfg.clip if cfg.clip > 0 else math.inf)
+            gnorm = torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]],
+                                                   cfg.clip if cfg.clip > 0 else math.inf)
             scaler.step(optimizer)
             scaler.update()
+            if arch_opt and len(held_out):  # first-order DARTS: the architecture on a held-out batch
+                idx = np.random.default_rng([cfg.seed, it]).choice(held_out, min(cfg.batch_size, len(held_out)), False)
+                ab = {k: v.to(device) for k, v in train_loader.split.batch(np.sort(idx)[rank::world]).items()}
+                with autocast:
+                    oa = model(ab)
+                    arch_loss = F.nll_loss(oa["log_probs"].float(), ab["answer"], ignore_index=-100) + oa["arch_loss"]
+                arch_opt.zero_grad(set_to_none=True)
+                arch_loss.backward()
+                arch_opt.step()
             with torch.no_grad():  # EMA, with TF's num_updates warm-up so that short runs average trained weights
                 decay = min(cfg.ema, (1 + it) / (10 + it))
                 for e, p in zip(ema.parameters(), raw.parameters()):

@@ -1,0 +1,307 @@
+"""LNMN: Stack-NMN whose modules are generic cells, each node a learned softmax(alpha) mixture of
+min, max, sum, product, choose_1 and choose_2, trained by alternating first-order DARTS.
+
+Paper: V. Pahuja, J. Fu, S. Chandar, C. J. Pal, "Structure Learning for Neural Module Networks",
+LANTERN workshop at EMNLP 2019, arXiv:1905.11532. Official code: vardaan123/LNMN (PyTorch).
+
+This file holds the generic cells (attention and answer modules with 3 and 4 inputs, Sec. 3.1), the
+module inventories of Table 3, `LNMN` (Stack-NMN's input unit, controller, stack and output unit from
+stack_nmn.py, with these cells as its modules; Sec. 3.2), the losses of Algorithm 2, and the analysis:
+
+    python train.py lnmn [--modules 9|11|14]     # weights on training batches, alphas on a held-out slice
+    python lnmn.py analyze RUN/best.pt [--max-batches N] [--out DIR]
+        # Fig. 3 (alpha heat map), Table 6 (expressions), Table 7 (operator ablation), Table 2 (hard-max)
+    python lnmn.py                               # smoke run
+
+Shapes: as stack_nmn.py, and d = cfg.map_dim (node channels), N = 6 operators, k = nodes of a cell.
+"""
+import argparse
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import data
+import stack_nmn
+from stack_nmn import pop, push, read, write
+
+OPS = ("min", "max", "sum", "product", "choose_1", "choose_2")
+# Table 3: (attention 3-input, attention 4-input, answer 3-input, answer 4-input); + 1 NoOp (footnote 2)
+INVENTORIES = {9: (4, 2, 1, 1), 11: (4, 2, 2, 2), 14: (5, 4, 2, 2)}
+
+
+@dataclass
+class LNMNConfig:
+    modules: Literal[9, 11, 14] = 9  # Table 3: module inventory, NoOp included
+    map_dim: int = 384  # official README run: map_dim 384 (node channels d)
+    dim: int = 512  # Stack-NMN: BiLSTM, dim // 2 per direction
+    embed_dim: int = 300  # Stack-NMN: word embeddings; c_t averages them
+    kb_dim: int = 512  # Stack-NMN: knowledge-base channels
+    pe_dim: int = 128  # Stack-NMN: 2-D positional encoding
+    mem_dim: int = 512  # Stack-NMN: memory features f_mem
+    out_dim: int = 512  # Stack-NMN: hidden layer of the output classifier
+    max_steps: int = 5  # Table 2 / official README run: T = 5
+    stack_len: int = 5  # Table 2 / official README run: L = 5
+    sharpen: Literal["hard", "soft"] = "hard"  # Stack-NMN: pointer sharpening
+    sharpen_temp: float = 0.2  # Stack-NMN: softmax(p / 0.2) with --sharpen soft
+    output_dropout: float = 0.15  # Stack-NMN: output unit dropout
+    entropy_weight: float = 1e-2  # official code: CE - lambda_w * 1e-2 * H(w(t))
+    entropy_switch: float = 2 / 3  # Sec. 3.2: lambda_w 1 -> 0 over 20 epochs, then -> -1 over the next 10
+    op_weight: float = 1.0  # Sec. 4: lambda_op of the l2/l1 sparsity term on softmax(alpha)
+    arch_lr: float = 3e-4  # Sec. 4: Adam for alpha
+    arch_wd: float = 1e-3  # Sec. 4: weight decay for alpha, betas (0.5, 0.999)
+    held_out: float = 0.1  # NOTE (deviation): share of the TRAINING questions for the alpha steps (official: val)
+    held_out_seed: int = 0  # which training questions are held out
+    push_fix: bool = True  # NOTE (deviation): 3-input attention cells push (the official code never pushes)
+    norm_fix: bool = True  # NOTE (deviation): no L2 norm of the 1-channel map (the official code's gives sign(x))
+
+
+# A CPU run on the built-in mini-CLEVR (not from the paper). Keys that are not Config fields set the trainer.
+PRESETS = {
+    "laptop": dict(map_dim=64, dim=128, embed_dim=64, kb_dim=64, pe_dim=16, mem_dim=128, out_dim=128,
+                   output_dropout=0.0, lr=1e-3, schedule="cosine", batch_size=128, epochs=10, threads=2),
+}
+
+
+# ----------------------------------------------------------------------------- the cell (Sec. 3.1)
+
+def op_weights(alpha, mask=None, hard=False):
+    """softmax(alpha) (..., N), or its argmax one-hot (Table 2); `mask` (N,) zeroes operators (Table 7)."""
+    w = F.one_hot(alpha.argmax(-1), len(OPS)).to(alpha.dtype) if hard else alpha.softmax(-1)
+    return w if mask is None else w * mask
+
+
+def node(w, x1, x2):
+    """O(x1, x2) = sum_i w_i op_i(x1, x2), then L2-normalised over channels (official code).
+    x1, x2 broadcast to (B, K, d); w: (N,)."""
+    ops = (torch.minimum(x1, x2), torch.maximum(x1, x2), x1 + x2, x1 * x2, x1, x2)
+    out = sum(wi * o for wi, o in zip(w, ops))                          # (B, K, d)
+    return F.normalize(out.expand(torch.broadcast_shapes(x1.shape, x2.shape)), dim=-1)
+
+
+class Cell(nn.Module):
+    """A generic module. kind: "attn" (output: a 1-channel map) or "ans" (output: memory features);
+    inputs 3 (I, a, c: nodes O1(conv1(I), a), O2(O1, W1 c)) or 4 (I, a1, a2, c: nodes O1(a1, a2),
+    O2(O1, conv1(I)), O3(O2, W1 c)). Its own parameters: alpha (k, N) and conv2 (attn) or W2 (ans);
+    conv1 and W1 are shared by all cells (official code)."""
+
+    def __init__(self, kind, inputs, cfg):
+        super().__init__()
+        self.kind, self.inputs, self.norm_fix = kind, inputs, cfg.norm_fix
+        self.alpha = nn.Parameter(1e-3 * torch.randn(inputs - 1, len(OPS)))  # DARTS: small random init
+        d = cfg.map_dim
+        self.out = nn.Linear(d, 1) if kind == "attn" else nn.Linear(d + d + cfg.mem_dim, cfg.mem_dim)
+
+    def forward(self, I, maps, c, m, mask=None, hard=False):
+        """I (B, K, d) conv1(I); maps [(B, K)] 1 or 2 attention maps (logits); c (B, d) W1 c;
+        m (B, Dm) f_mem -> attention map (B, K) or memory (B, Dm)."""
+        w = op_weights(self.alpha, mask, hard)                           # (k, N)
+        maps = [a[..., None] for a in maps]                              # (B, K, 1): broadcast over channels
+        x = node(w[0], I, maps[0]) if self.inputs == 3 else node(w[1], node(w[0], maps[0], maps[1]), I)
+        x = node(w[-1], x, c[:, None])                                   # (B, K, d) the last node
+        if self.kind == "ans":
+            return self.out(torch.cat([x.sum(1), c, m], -1))             # (B, Dm) W2[sum x; W1 c; f_mem]
+        att = self.out(x)                                                # (B, K, 1) conv2
+        if not self.norm_fix:  # official code: L2 norm over the single channel = x / |x| = sign(x)
+            att = F.normalize(att, dim=-1)
+        return att.squeeze(-1)                                           # (B, K)
+
+    def expression(self, hard_alpha=None):
+        """The analytical expression from the argmax op of every node (Table 6), choose_* resolved."""
+        idx = (self.alpha if hard_alpha is None else hard_alpha).argmax(-1).tolist()
+        terms = ("conv1(I)", "a") if self.inputs == 3 else ("a1", "a2")
+        x = show(idx[0], *terms)
+        if self.inputs == 4:
+            x = show(idx[1], x, "conv1(I)")
+        x = show(idx[-1], x, "W1 c")
+        return f"conv2({x})" if self.kind == "attn" else f"W2[sum({x}), W1 c, f_mem]"
+
+
+def show(op, x, y):
+    """One node as text: min(x, y), max(x, y), x + y, x * y (sums parenthesised), x, y."""
+    return (f"min({x}, {y})", f"max({x}, {y})", f"{x} + {y}", f"{par(x)} * {par(y)}", x, y)[op]
+
+
+def par(s):
+    """s in parentheses if it is a sum at its top level."""
+    depth = 0
+    for i, ch in enumerate(s):
+        depth += (ch in "([") - (ch in ")]")
+        if depth == 0 and s.startswith(" + ", i):
+            return f"({s})"
+    return s
+
+
+# ----------------------------------------------------------------------------- the module bank (Sec. 3.2)
+
+class CellModules(nn.Module):
+    """NoOp + the cells of Table 3. Stack use: attention 3-input reads the top map and pushes its output
+    (push_fix; the official code writes it over the top: no cell ever pushes), attention 4-input pops two
+    and pushes one, answer cells read one or two maps and leave the stack untouched."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.cfg = cfg
+        self.conv1 = nn.Linear(cfg.kb_dim, cfg.map_dim)                  # shared conv1x1 on the knowledge base
+        self.w1 = nn.Linear(cfg.embed_dim, cfg.map_dim)                  # shared W1 c
+        counts = INVENTORIES[cfg.modules]
+        kinds = [("attn", 3), ("attn", 4), ("ans", 3), ("ans", 4)]
+        self.cells = nn.ModuleList(Cell(k, n, cfg) for (k, n), c in zip(kinds, counts) for _ in range(c))
+        self.names = ["NoOp"] + [f"{'Attn' if c.kind == 'attn' else 'Ans'}{c.inputs}_{i}" for i, c in enumerate(self.cells)]
+        self.op_mask, self.hard = None, False                            # set by the analysis (Tables 7, 2)
+
+    def forward(self, kb, A, p, m, c):
+        I, cw = self.conv1(kb), self.w1(c)                               # (B, K, d), (B, d)
+        a2, p_pop = read(A, p), pop(p)
+        a1 = read(A, p_pop)                                              # the map under the top
+        zero = torch.zeros_like(m)
+        out = [(A, p, m)]                                                # NoOp
+        for cell in self.cells:
+            maps = [a2] if cell.inputs == 3 else [a1, a2]
+            y = cell(I, maps, cw, m, self.op_mask, self.hard)
+            if cell.kind == "ans":
+                out.append((A, p, y))
+            elif cell.inputs == 3:
+                q = push(p) if self.cfg.push_fix else p
+                out.append((write(A, q, y), q, zero))
+            else:
+                out.append((write(A, p_pop, y), p_pop, zero))
+        return tuple(torch.stack(z, -1) for z in zip(*out))
+
+
+class LNMN(stack_nmn.StackNMN):
+    """Stack-NMN with CellModules; aux_loss = -lambda_w 1e-2 mean_t H(w(t)); arch_loss = -lambda_op
+    sum_{m,k} ||softmax(alpha)||_2 / ||softmax(alpha)||_1 (Algorithm 2), for the trainer's alpha step."""
+
+    def build_modules(self, cfg):
+        bank = CellModules(cfg)
+        self.module_names = bank.names
+        return bank
+
+    def lambda_w(self):
+        """1 -> 0 over the first entropy_switch of the run, then 0 -> -1 (Sec. 3.2, Fig. 5)."""
+        s, p = self.cfg.entropy_switch, self.progress
+        return 1 - p / s if p < s else -(p - s) / max(1 - s, 1e-9)
+
+    def arch_parameters(self):
+        return [c.alpha for c in self.modules_.cells]
+
+    def arch_optimizer(self):
+        return torch.optim.Adam(self.arch_parameters(), lr=self.cfg.arch_lr, betas=(0.5, 0.999),
+                                weight_decay=self.cfg.arch_wd)
+
+    def train_subset(self, n):
+        """The training rows for the weights; the rest (held_out) are the alpha steps' batches."""
+        order = np.random.default_rng(self.cfg.held_out_seed).permutation(n)
+        return np.sort(order[int(round(self.cfg.held_out * n)):])
+
+    def forward(self, batch):
+        ctx, states = self.run(batch)
+        w = torch.stack([s["module_logits"] for s in states], 1).softmax(-1)  # (B, T, M)
+        entropy = -(w * w.clamp(min=1e-8).log()).sum(-1).mean()         # mean over t (and the batch)
+        alphas = torch.cat(self.arch_parameters()).softmax(-1)                 # (nodes, N)
+        sparsity = (alphas.norm(dim=-1) / alphas.sum(-1)).sum()
+        return {"log_probs": self.classify(ctx, states[-1]).log_softmax(-1),
+                "aux_loss": -self.lambda_w() * self.cfg.entropy_weight * entropy,
+                "arch_loss": -self.cfg.op_weight * sparsity}
+
+
+Config, Model = LNMNConfig, LNMN  # names the trainer's registry looks for
+
+
+# ----------------------------------------------------------------------------- analysis (Sec. 4.3, 4.4)
+
+@torch.no_grad()
+def accuracy(model, loader, max_batches=0):
+    """Overall and per-kind val accuracy."""
+    hits, n = np.zeros(len(data.QUESTION_KINDS) + 1), np.zeros(len(data.QUESTION_KINDS) + 1)
+    for b, batch in enumerate(loader):
+        if max_batches and b >= max_batches:
+            break
+        right = (model(batch)["log_probs"].argmax(-1) == batch["answer"]).numpy()
+        np.add.at(hits, batch["kind"].numpy(), right)
+        np.add.at(n, batch["kind"].numpy(), 1)
+    row = {"Overall": hits.sum() / max(n.sum(), 1)}
+    row.update({k: hits[i] / n[i] for i, k in enumerate(data.QUESTION_KINDS) if n[i]})
+    return row
+
+
+def analyze(args):
+    model, info, d = stack_nmn.load_run(args.ckpt, args.data, model_module=__import__(__name__))
+    bank = model.modules_
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    alphas = {name: cell.alpha.detach().softmax(-1) for name, cell in zip(bank.names[1:], bank.cells)}
+    print("softmax(alpha) per module and node (Fig. 3):")
+    print(f"  {'':12s}" + "".join(f"{o:>9s}" for o in OPS))
+    for name, a in alphas.items():
+        for k, row in enumerate(a):
+            print(f"  {name + f' n{k + 1}':12s}" + "".join(f"{v:9.3f}" for v in row.tolist()))
+    print("\nanalytical expressions from the argmax ops (Table 6):")
+    exprs = {name: cell.expression() for name, cell in zip(bank.names[1:], bank.cells)}
+    for name, e in exprs.items():
+        print(f"  {name:8s} {e}")
+    loader = data.make_loader(d, "val", 128, shuffle=False)
+    rows = {"original": accuracy(model, loader, args.max_batches)}
+    bank.hard = True
+    rows["hard-max alphas (Table 2)"] = accuracy(model, loader, args.max_batches)
+    bank.hard = False
+    for i, op in enumerate(OPS):                                         # Table 7: zero op i in every node
+        bank.op_mask = torch.ones(len(OPS)).index_fill_(0, torch.tensor([i]), 0.0)
+        rows[f"without {op}"] = accuracy(model, loader, args.max_batches)
+    bank.op_mask = None
+    cols = ["Overall", *[k for k in data.QUESTION_KINDS if k in rows["original"]]]
+    print(f"\nval accuracy (%){f', first {args.max_batches} batches' if args.max_batches else ''} (Tables 7, 2):")
+    print(f"  {'':28s}" + "".join(f"{c[:14]:>15s}" for c in cols))
+    for name, r in rows.items():
+        print(f"  {name:28s}" + "".join(f"{100 * r[c]:15.2f}" for c in cols))
+    (out / "analysis.json").write_text(json.dumps(
+        {"alphas": {k: v.tolist() for k, v in alphas.items()}, "expressions": exprs, "accuracy": rows}, indent=1))
+    print(f"\nwrote {out / 'analysis.json'}")
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("no matplotlib: the heat map (Fig. 3) is skipped (pip install matplotlib); the numbers are above")
+        return
+    fig, axes = plt.subplots(1, len(alphas), figsize=(2.2 * len(alphas), 2.2))
+    for ax, (name, a) in zip(np.atleast_1d(axes), alphas.items()):
+        ax.imshow(a.numpy(), cmap="viridis", vmin=0, vmax=1)
+        ax.set_title(name, fontsize=8)
+        ax.set_xticks(range(len(OPS)), OPS, rotation=90, fontsize=6)
+        ax.set_yticks(range(len(a)), [f"node {k + 1}" for k in range(len(a))], fontsize=6)
+    fig.tight_layout()
+    fig.savefig(out / "alphas.png", dpi=120)
+    print(f"wrote {out / 'alphas.png'}")
+
+
+def smoke():
+    torch.manual_seed(0)
+    info = dict(num_words=20, num_answers=7, image_kind="features", image_shape=(18, 6, 6))
+    model = LNMN(LNMNConfig(map_dim=16, dim=32, embed_dim=16, kb_dim=16, pe_dim=8, mem_dim=16, out_dim=16), info)
+    lens = torch.tensor([9, 5, 3, 7])
+    batch = dict(image=torch.rand(4, 18, 6, 6), question=torch.randint(4, 20, (4, 9)) * (torch.arange(9) < lens[:, None]),
+                 question_len=lens, answer=torch.randint(0, 7, (4,)))
+    out = model(batch)
+    loss = F.nll_loss(out["log_probs"], batch["answer"]) + out["aux_loss"] + out["arch_loss"]
+    loss.backward()
+    print(f"modules {model.module_names}\nlog_probs {tuple(out['log_probs'].shape)}  loss {loss.item():.3f}  "
+          f"params {sum(p.numel() for p in model.parameters()):,}")
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    sub = ap.add_subparsers(dest="cmd")
+    a = sub.add_parser("analyze", help="alpha heat map, expressions, operator ablation, hard-max accuracy")
+    a.add_argument("ckpt")
+    a.add_argument("--data", default=None, help="prepared data (default: the checkpoint's)")
+    a.add_argument("--max-batches", type=int, default=0, help="evaluate on the first N val batches (0: all)")
+    a.add_argument("--out", default="lnmn_analysis", help="folder for analysis.json and alphas.png")
+    args = ap.parse_args()
+    analyze(args) if args.cmd == "analyze" else smoke()

@@ -1,0 +1,439 @@
+"""Stack-NMN: a controller picks a soft mixture of neural modules at every step; the modules pass
+attention maps to each other through a differentiable stack.
+
+Paper: R. Hu, J. Andreas, T. Darrell, K. Saenko, "Explainable Neural Computation via Stack Neural
+Module Networks", ECCV 2018, arXiv:1807.08556. Official code: ronghanghu/snmn (TensorFlow).
+
+This file holds the input unit (BiLSTM question encoder, knowledge base over the image features with
+a 2-D positional encoding), the controller (textual parameter c_t and module weights w(t)), the
+differentiable stack (push / pop of a soft pointer, clamped at both ends, sharpened after every step),
+the nine modules, the output unit, the expert layout derived from a CLEVR program (`--layout gt`),
+and `StackNMN` with the step protocol of DESIGN.md (so `python train.py stack_nmn dact` works).
+
+    python train.py stack_nmn --layout gt            # supervised by the expert layout (layout loss)
+    python train.py stack_nmn --layout scratch       # from scratch, entropy sharpening ramped in late
+    python stack_nmn.py figure RUN/best.pt [--index 0] [--out fig.png]   # w(t) and attention per step
+    python stack_nmn.py                              # smoke run
+
+Shapes:
+    B  batch      S  question tokens     K = H*W knowledge cells (14*14 on CLEVR, 6*6 built-in)
+    D  BiLSTM size (cfg.dim)   E  word embedding = size of c_t   Dk  knowledge base   Dm  memory
+    T  controller steps   L  stack slots   M  modules (9)   A  answers
+"""
+import argparse
+import math
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+
+import data
+
+
+@dataclass
+class StackNMNConfig:
+    layout: Literal["scratch", "gt"] = "scratch"  # Sec. 4: layouts learned from scratch, or supervised by the expert layout
+    dim: int = 512  # official config LSTM_DIM: BiLSTM, dim // 2 per direction
+    embed_dim: int = 300  # official config EMBED_DIM; c_t averages word embeddings (USE_WORD_EMBED)
+    kb_dim: int = 512  # official config KB_DIM: knowledge-base channels
+    pe_dim: int = 128  # official config PE_DIM: 2-D positional encoding appended to the features
+    mem_dim: int = 512  # official config NMN.MEM_DIM: memory vector of the describe modules
+    out_dim: int = 512  # official config VQA_OUTPUT_DIM: hidden layer of the output classifier
+    max_steps: int = 9  # Sec. 4 / official config T_CTRL: T controller steps
+    stack_len: int = 8  # official vqa_*.yaml STACK.LENGTH: L slots
+    sharpen: Literal["hard", "soft"] = "hard"  # official USE_HARD_SHARPEN: argmax pointer, or softmax(p / temp)
+    sharpen_temp: float = 0.2  # official SOFT_SHARPEN_TEMP
+    output_dropout: float = 0.15  # official DROPOUT_KEEP_PROB 0.85 in the output unit
+    layout_weight: float = 1.0  # official LAYOUT_LOSS_WEIGHT: CE of w(t) against the expert layout (--layout gt)
+    entropy_weight: float = 0.1  # official vqa_scratch.yaml SHARPEN_LOSS_WEIGHT: entropy of w(t) (--layout scratch)
+    entropy_begin: float = 0.75  # official vqa_scratch.yaml: the ramp 0 -> 1 starts at iteration 150K of 200K
+    entropy_end: float = 0.8  # ... and ends at 160K of 200K (fractions of the run)
+    weight_decay: float = 1e-5  # official WEIGHT_DECAY: + wd * sum ||W||^2 / 2 over weight matrices (in the loss)
+
+
+# A ~10-minute CPU run on the built-in mini-CLEVR (not from the paper). Keys that are not Config
+# fields set the trainer.
+PRESETS = {
+    "laptop": dict(dim=128, embed_dim=64, kb_dim=64, pe_dim=16, mem_dim=128, out_dim=128, output_dropout=0.0,
+                   lr=1e-3, schedule="cosine", batch_size=128, epochs=10, threads=2),
+}
+
+MODULES = ("NoOp", "Find", "Transform", "Filter", "And", "Or", "Scene", "Answer", "Compare")
+NOOP, FIND, TRANSFORM, FILTER, AND, OR, SCENE, ANSWER, COMPARE = range(9)
+
+
+# ----------------------------------------------------------------------------- the expert layout
+
+# official code (exp_clevr_snmn/data/get_ground_truth_layout.py): CLEVR function -> module
+FUNCTION_MODULE = {"filter": FILTER, "same": TRANSFORM, "relate": TRANSFORM, "intersect": AND, "union": OR,
+                   "equal": COMPARE, "greater_than": COMPARE, "less_than": COMPARE, "count": ANSWER,
+                   "exist": ANSWER, "query": ANSWER, "scene": SCENE, "unique": None}
+COMPARES = ("equal_", "greater_than", "less_than")
+DROPPED_UNDER_COMPARE = ("count", "query_")  # Compare reads the two maps itself
+
+
+def function_module(fn):
+    return FUNCTION_MODULE[fn] if fn in FUNCTION_MODULE else FUNCTION_MODULE[fn.split("_")[0]]
+
+
+def expert_layout(tokens):
+    """Prefix program tokens -> module indices in execution (post-)order, as the official code:
+    count / query_* under a comparison are dropped, `unique` is dropped, Scene + Filter -> Find."""
+    def visit(tree):
+        fn, kids = data.token_function(tree["token"]), tree["children"]
+        if fn.startswith(COMPARES):
+            kids = [k["children"][0] if data.token_function(k["token"]).startswith(DROPPED_UNDER_COMPARE) else k
+                    for k in kids]
+        mods = [m for k in kids for m in visit(k)]
+        return mods + ([] if function_module(fn) is None else [function_module(fn)])
+    mods = visit(data.prefix_to_tree(list(tokens)))
+    out = []
+    for m in mods:
+        if m == FILTER and out and out[-1] == SCENE:
+            out[-1] = FIND
+        else:
+            out.append(m)
+    return out
+
+
+# ----------------------------------------------------------------------------- the stack (Sec. 3.2)
+
+def push(p):
+    """Move the pointer up one slot (B, L); at the top it stays (official GUARD_STACK_PTR)."""
+    up = F.pad(p[:, :-1], (1, 0))                                        # (B, L) p'[l] = p[l - 1]
+    return torch.cat([up[:, :-1], up[:, -1:] + p[:, -1:]], dim=1)        # clamp at the top
+
+
+def pop(p):
+    """Move the pointer down one slot (B, L); at the bottom it stays."""
+    down = F.pad(p[:, 1:], (0, 1))                                       # (B, L) p'[l] = p[l + 1]
+    return torch.cat([down[:, :1] + p[:, :1], down[:, 1:]], dim=1)       # clamp at the bottom
+
+
+def read(A, p):
+    """The map under the pointer: A (B, K, L), p (B, L) -> (B, K)."""
+    return (A * p[:, None]).sum(-1)
+
+
+def write(A, p, att):
+    """Write att (B, K) where the pointer is: A p-weighted towards att -> (B, K, L)."""
+    return att[..., None] * p[:, None] + A * (1 - p[:, None])
+
+
+def sharpen(p, how, temp):
+    """The averaged pointer back to (nearly) one-hot: argmax (official default) or softmax(p / temp)."""
+    if how == "hard":
+        return F.one_hot(p.argmax(-1), p.size(-1)).to(p.dtype)
+    return (p / temp).softmax(-1)
+
+
+# ----------------------------------------------------------------------------- input unit
+
+def positional_encoding(H, W, dim, device):
+    """(H*W, dim) sinusoids of y (first half) and x (second half)."""
+    d = max(dim // 4, 1)
+    freq = torch.exp(-math.log(100.0) * torch.arange(d, device=device) / d)  # (d,)
+    ys, xs = torch.meshgrid(torch.arange(H, device=device), torch.arange(W, device=device), indexing="ij")
+    pe = [f(v.reshape(-1, 1).float() * freq) for v in (ys, xs) for f in (torch.sin, torch.cos)]
+    return F.pad(torch.cat(pe, 1), (0, dim - 4 * d))[:, :dim]           # (K, dim)
+
+
+class InputUnit(nn.Module):
+    """Image features (B, C, H, W) -> knowledge base (B, K, Dk); question -> words h_s (B, S, D),
+    embeddings e_s (B, S, E), q (B, D)."""
+
+    def __init__(self, cfg, info):
+        super().__init__()
+        if info["image_kind"] != "features":
+            raise ValueError(f"Stack-NMN reads image features (B, C, H, W), not {info['image_kind']}")
+        self.pe_dim = cfg.pe_dim
+        C = info["image_shape"][0]
+        self.kb = nn.Sequential(nn.Conv2d(C + cfg.pe_dim, cfg.kb_dim, 1), nn.ELU(),
+                                nn.Conv2d(cfg.kb_dim, cfg.kb_dim, 1))   # official: conv1x1 ELU conv1x1
+        self.embed = nn.Embedding(info["num_words"], cfg.embed_dim, padding_idx=0)
+        self.lstm = nn.LSTM(cfg.embed_dim, cfg.dim // 2, batch_first=True, bidirectional=True)
+
+    def forward(self, image, question, question_len):
+        B, _, H, W = image.shape
+        pe = positional_encoding(H, W, self.pe_dim, image.device).t().reshape(1, -1, H, W).expand(B, -1, -1, -1)
+        kb = self.kb(torch.cat([image, pe.to(image.dtype)], 1)).flatten(2).transpose(1, 2)  # (B, K, Dk)
+        e = self.embed(question)                                         # (B, S, E)
+        packed = pack_padded_sequence(e, question_len.clamp(min=1).cpu(), batch_first=True, enforce_sorted=False)
+        out, (h, _) = self.lstm(packed)
+        hs, _ = pad_packed_sequence(out, batch_first=True, total_length=question.size(1))  # (B, S, D)
+        return kb, hs, e, torch.cat([h[0], h[1]], -1)                    # q: (B, D)
+
+
+# ----------------------------------------------------------------------------- controller (Sec. 3.1)
+
+class Controller(nn.Module):
+    """u = W2[W1^(t) q + b1; c_{t-1}] + b2; w(t) = softmax(W u); cv = softmax_s(W3 (u * h_s));
+    c_t = sum_s cv_s e_s (official code: over the word embeddings)."""
+
+    def __init__(self, cfg, num_modules):
+        super().__init__()
+        D, E = cfg.dim, cfg.embed_dim
+        self.q_step = nn.ModuleList(nn.Linear(D, D) for _ in range(cfg.max_steps))  # W1^(t), b1
+        self.u = nn.Linear(D + E, D)                                     # W2, b2
+        self.module_logits = nn.Linear(D, num_modules, bias=False)       # official LINEAR_MODULE_WEIGHTS
+        self.attn = nn.Linear(D, 1)                                      # W3
+        self.c_0 = nn.Parameter(torch.randn(E) / math.sqrt(E))          # official: c_init ~ N(0, 1/E)
+
+    def forward(self, q, c_prev, hs, es, mask, t):
+        u = self.u(torch.cat([self.q_step[t](q), c_prev], -1))           # (B, D)
+        logits = self.module_logits(u)                                   # (B, M)
+        cv = self.attn(u[:, None] * hs).squeeze(-1).masked_fill(~mask, float("-inf")).softmax(-1)  # (B, S)
+        c = (cv[..., None] * es).sum(1)                                  # (B, E)
+        return c, logits, cv
+
+
+# ----------------------------------------------------------------------------- modules (Sec. 3.3)
+
+def l2norm(x):
+    return F.normalize(x, dim=-1)
+
+
+def attend(kb, att):
+    """sum_k softmax(att)_k kb_k: (B, K, Dk), (B, K) -> (B, Dk)."""
+    return (att.softmax(-1)[..., None] * kb).sum(1)
+
+
+class Modules(nn.Module):
+    """The nine modules, each (A, p, m, c) -> (A', p', m'). Attention maps are logits (B, K).
+    Find, Transform, Filter, And, Or, Scene write the stack and output a zero memory; Answer and
+    Compare leave the stack untouched (official KEEP_STACK) and output a memory; NoOp keeps all."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        Dk, E, Dm = cfg.kb_dim, cfg.embed_dim, cfg.mem_dim
+        self.find_c, self.find_conv = nn.Linear(E, Dk), nn.Linear(Dk, 1)  # Filter reuses these
+        self.transform_c, self.transform_conv = nn.Linear(E, Dk), nn.Linear(Dk, 1)
+        self.scene_conv = nn.Linear(Dk, 1)
+        self.answer_c, self.answer_mem = nn.Linear(E, Dk), nn.Linear(E + Dm + Dk, Dm)
+        self.compare_c, self.compare_mem = nn.Linear(E, Dk), nn.Linear(E + Dm + Dk, Dm)
+
+    def find(self, kb, A, p, c):
+        att = self.find_conv(l2norm(kb * self.find_c(c)[:, None])).squeeze(-1)  # (B, K)
+        p = push(p)
+        return write(A, p, att), p
+
+    def and_or(self, A, p, fn):
+        a2, p = read(A, p), pop(p)                                       # pop 2, push 1
+        return write(A, p, fn(read(A, p), a2)), p
+
+    def forward(self, kb, A, p, m, c):
+        """-> stacks (B, K, L, M), pointers (B, L, M), memories (B, Dm, M), in MODULES order."""
+        zero = torch.zeros_like(m)
+        out = [(A, p, m)]                                                # NoOp
+        out.append((*self.find(kb, A, p, c), zero))                      # Find: push
+        a = read(A, p)                                                   # the top map
+        x = attend(kb, a)                                                # (B, Dk)
+        att = self.transform_conv(l2norm(kb * self.transform_c(c)[:, None] * x[:, None])).squeeze(-1)
+        out.append((write(A, p, att), p, zero))                          # Transform: pop 1, push 1
+        out.append((*self.and_or(*self.find(kb, A, p, c), torch.minimum), zero))  # Filter = Find, then And
+        out.append((*self.and_or(A, p, torch.minimum), zero))            # And
+        out.append((*self.and_or(A, p, torch.maximum), zero))            # Or
+        ps = push(p)
+        out.append((write(A, ps, self.scene_conv(l2norm(kb)).squeeze(-1)), ps, zero))  # Scene: push
+        m1 = self.answer_mem(torch.cat([c, m, l2norm(self.answer_c(c) * x)], -1))  # (B, Dm) Answer
+        out.append((A, p, m1))
+        x1 = attend(kb, read(A, pop(p)))                                 # the map under the top
+        m2 = self.compare_mem(torch.cat([c, m, l2norm(self.compare_c(c) * x1 * x)], -1))  # Compare
+        out.append((A, p, m2))
+        return tuple(torch.stack(z, -1) for z in zip(*out))
+
+
+# ----------------------------------------------------------------------------- the model
+
+class StackNMN(nn.Module):
+    """Stack-NMN with the step protocol of DESIGN.md.
+
+    ctx   (fixed over steps): kb (B, K, Dk), words (B, S, D), embeds (B, S, E), word_mask (B, S),
+          question (B, D).
+    state (per step): stack (B, K, L), ptr (B, L), memory (B, Dm), control (B, E) c_t,
+          module_logits (B, M), text_attn (B, S), attn (B, K) the map under the pointer.
+    """
+    module_names = MODULES
+
+    def __init__(self, cfg, info):
+        super().__init__()
+        self.cfg, self.max_steps, self.halt_dim = cfg, cfg.max_steps, cfg.embed_dim
+        self.progress = 0.0                                              # set by train.py: share of the run done
+        self.program_tokens = info.get("program_tokens")
+        self.input = InputUnit(cfg, info)
+        self.modules_ = self.build_modules(cfg)
+        self.controller = Controller(cfg, len(self.module_names))
+        self.output = nn.Sequential(nn.Linear(cfg.dim + cfg.mem_dim, cfg.out_dim), nn.ELU(),
+                                    nn.Dropout(cfg.output_dropout), nn.Linear(cfg.out_dim, info["num_answers"]))
+
+    def build_modules(self, cfg):
+        return Modules(cfg)
+
+    def encode(self, batch):
+        kb, hs, es, q = self.input(batch["image"], batch["question"], batch["question_len"])
+        mask = torch.arange(hs.size(1), device=hs.device)[None] < batch["question_len"][:, None]  # (B, S)
+        return dict(kb=kb, words=hs, embeds=es, word_mask=mask, question=q)
+
+    def init_state(self, ctx):
+        kb, q = ctx["kb"], ctx["question"]
+        B, K, L = len(q), kb.size(1), self.cfg.stack_len
+        ptr = F.one_hot(torch.zeros(B, dtype=torch.long, device=q.device), L).to(q.dtype)  # bottom slot
+        return dict(stack=q.new_zeros(B, K, L), ptr=ptr, memory=q.new_zeros(B, self.cfg.mem_dim),
+                    control=self.controller.c_0.expand(B, -1), module_logits=q.new_zeros(B, len(self.module_names)),
+                    text_attn=q.new_zeros(B, ctx["words"].size(1)), attn=q.new_zeros(B, K))
+
+    def step(self, ctx, state, t):
+        """Every module runs; stack, pointer and memory are averaged with w(t); the pointer is sharpened."""
+        c, logits, cv = self.controller(ctx["question"], state["control"], ctx["words"], ctx["embeds"],
+                                        ctx["word_mask"], t)
+        w = logits.softmax(-1)                                           # (B, M) w(t)
+        As, ps, ms = self.modules_(ctx["kb"], state["stack"], state["ptr"], state["memory"], c)
+        A = (As * w[:, None, None]).sum(-1)                              # (B, K, L)
+        p = sharpen((ps * w[:, None]).sum(-1), self.cfg.sharpen, self.cfg.sharpen_temp)  # (B, L)
+        m = (ms * w[:, None]).sum(-1)                                    # (B, Dm)
+        return dict(stack=A, ptr=p, memory=m, control=c, module_logits=logits, text_attn=cv, attn=read(A, p))
+
+    def classify(self, ctx, state):
+        return self.output(torch.cat([ctx["question"], state["memory"]], -1))  # (B, A)
+
+    def halt_input(self, ctx, state):
+        return state["control"]                                          # (B, E) c_t, read by DACT
+
+    def run(self, batch):
+        ctx = self.encode(batch)
+        state = self.init_state(ctx)
+        states = []
+        for t in range(self.max_steps):
+            state = self.step(ctx, state, t)
+            states.append(state)
+        return ctx, states
+
+    def layouts(self, program):
+        """Expert layouts of a batch (B, T), NoOp-padded; -100 for a program longer than T."""
+        rows = [_layout(tuple(self.program_tokens[i] for i in row.tolist() if i > data.UNK)) for row in program.cpu()]
+        T = self.max_steps
+        return torch.tensor([r + [NOOP] * (T - len(r)) if len(r) <= T else [-100] * T for r in rows],
+                            device=program.device)
+
+    def forward(self, batch):
+        """batch: image (B, C, H, W), question (B, S), question_len (B,), program (B, P) ->
+        log_probs (B, A), aux_loss (layout or entropy term, weight decay), metrics."""
+        ctx, states = self.run(batch)
+        out = {"log_probs": self.classify(ctx, states[-1]).log_softmax(-1)}
+        logits = torch.stack([s["module_logits"] for s in states], 1)    # (B, T, M)
+        aux = self.cfg.weight_decay / 2 * sum((p ** 2).sum() for n, p in self.named_parameters()
+                                              if p.dim() > 1 and "embed" not in n and "lstm" not in n) if self.cfg.weight_decay else 0.0
+        if self.cfg.layout == "gt":
+            if self.program_tokens is None or batch["program"].size(1) < 3:
+                raise ValueError("--layout gt needs CLEVR programs in the data")
+            gt = self.layouts(batch["program"])                          # (B, T)
+            aux = aux + self.cfg.layout_weight * F.cross_entropy(logits.flatten(0, 1), gt.flatten(), ignore_index=-100)
+            known = (gt >= 0).all(1)
+            out["metrics"] = {"layout_acc": ((logits.argmax(-1) == gt).float().mean(1) * known)}
+        else:                                                            # official 'warmup_scaling'
+            ramp = min(max((self.progress - self.cfg.entropy_begin) /
+                           max(self.cfg.entropy_end - self.cfg.entropy_begin, 1e-9), 0.0), 1.0)
+            if ramp > 0 and self.training:
+                w = logits.softmax(-1)
+                entropy = -(w * w.clamp(min=1e-5).log()).sum(-1).mean()
+                aux = aux + self.cfg.entropy_weight * ramp * entropy
+        out["aux_loss"] = aux
+        return out
+
+
+@lru_cache(maxsize=1 << 16)
+def _layout(tokens):
+    return expert_layout(tokens)
+
+
+Config, Model = StackNMNConfig, StackNMN  # names the trainer's registry looks for
+
+
+# ----------------------------------------------------------------------------- loading a run, the figure
+
+def load_run(path, data_dir=None, model_module=None):
+    """(model with the checkpoint's EMA weights in eval mode, info, data dir) from a train.py checkpoint."""
+    import importlib
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    mod = model_module or importlib.import_module(ckpt["model_name"])
+    cfg = mod.Config(**{k: tuple(v) if isinstance(v, list) else v for k, v in ckpt["config"]["model"].items()})
+    d = data_dir or ckpt.get("data_dir") or data.ensure_builtin()
+    info = data.load_info(d)
+    model = mod.Model(cfg, info)
+    prefix = ckpt.get("prefix", "")
+    model.load_state_dict({k[len(prefix):]: v for k, v in ckpt["ema"].items() if k.startswith(prefix)})
+    return model.eval(), info, d
+
+
+def figure(args):
+    """Module weights per step and the map under the stack pointer per step, for one val question."""
+    model, info, d = load_run(args.ckpt, args.data)
+    split = data.Split(d, "val")
+    batch = split.batch([args.index])
+    with torch.no_grad():
+        ctx, states = model.run(batch)
+        pred = model.classify(ctx, states[-1]).argmax(-1).item()
+    vocab = data.load_vocab(Path(d) / "vocab.json")["question_token_to_idx"]
+    words = {i: w for w, i in vocab.items()}
+    question = " ".join(words[i] for i in batch["question"][0].tolist() if i > data.UNK)
+    w = torch.stack([s["module_logits"][0].softmax(-1) for s in states])   # (T, M)
+    H, W = batch["image"].shape[-2:]
+    maps = [s["attn"][0].softmax(-1).reshape(H, W) for s in states]
+    print(f"{question}?  predicted {info['answers'][pred]}, answer {info['answers'][batch['answer'][0]]}")
+    for t, row in enumerate(w):
+        print(f"step {t + 1}: " + ", ".join(f"{model.module_names[m]} {row[m]:.2f}" for m in row.argsort(descending=True)[:3]))
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise SystemExit("the figure needs matplotlib: pip install matplotlib (the text above has the same numbers)")
+    T = len(states)
+    fig, ax = plt.subplots(2, T, figsize=(1.6 * T, 4.2), gridspec_kw={"height_ratios": [2, 1]})
+    gs = ax[0, 0].get_gridspec()
+    for a in ax[0]:
+        a.remove()
+    top = fig.add_subplot(gs[0, :])
+    top.imshow(w.t().numpy(), cmap="viridis", aspect="auto", vmin=0, vmax=1)
+    top.set_yticks(range(len(model.module_names)), model.module_names)
+    top.set_xticks(range(T), [f"t={t + 1}" for t in range(T)])
+    top.set_title(f"{question}? -> {info['answers'][pred]}", fontsize=9)
+    for t in range(T):
+        ax[1, t].imshow(maps[t].numpy(), cmap="gray")
+        ax[1, t].set_axis_off()
+    fig.tight_layout()
+    fig.savefig(args.out, dpi=120)
+    print(f"wrote {args.out}")
+
+
+def smoke():
+    torch.manual_seed(0)
+    info = dict(num_words=20, num_answers=7, image_kind="features", image_shape=(18, 6, 6),
+                program_tokens=["<NULL>", "<START>", "<END>", "<UNK>", "count", "scene", "filter_color[red]"])
+    cfg = StackNMNConfig(layout="gt", dim=32, embed_dim=16, kb_dim=16, pe_dim=8, mem_dim=16, out_dim=16)
+    model = StackNMN(cfg, info)
+    lens = torch.tensor([9, 5, 3, 7])
+    batch = dict(image=torch.rand(4, 18, 6, 6), question=torch.randint(4, 20, (4, 9)) * (torch.arange(9) < lens[:, None]),
+                 question_len=lens, program=torch.tensor([[1, 4, 6, 5, 2]] * 4), answer=torch.randint(0, 7, (4,)))
+    out = model(batch)
+    loss = F.nll_loss(out["log_probs"], batch["answer"]) + out["aux_loss"]
+    loss.backward()
+    print(f"log_probs {tuple(out['log_probs'].shape)}  loss {loss.item():.3f}  "
+          f"params {sum(p.numel() for p in model.parameters()):,}")
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    sub = ap.add_subparsers(dest="cmd")
+    f = sub.add_parser("figure", help="module weights and attention per step for one val question")
+    f.add_argument("ckpt")
+    f.add_argument("--data", default=None, help="prepared data (default: the checkpoint's)")
+    f.add_argument("--index", type=int, default=0, help="val question")
+    f.add_argument("--out", default="stack_nmn_figure.png")
+    args = ap.parse_args()
+    figure(args) if args.cmd == "figure" else smoke()

@@ -1,0 +1,149 @@
+"""Tests for lnmn.py: one-hot nodes, the expression printer, inventories, the two public-code bugs as
+flags, the entropy schedule, gradients, overfitting, the trainer's alpha step and `analyze` (CPU, seconds)."""
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import lnmn
+import stack_nmn as sn
+import train
+
+INFO = dict(num_words=30, num_answers=8, image_kind="features", image_shape=(18, 6, 6))
+TINY = dict(map_dim=8, dim=16, embed_dim=8, kb_dim=8, pe_dim=4, mem_dim=8, out_dim=16, output_dropout=0.0)
+TINY_FLAGS = ["--map-dim", "8", "--dim", "16", "--embed-dim", "8", "--kb-dim", "8", "--pe-dim", "4", "--mem-dim", "8",
+              "--out-dim", "16", "--batch-size", "16", "--threads", "1", "--log-every", "1"]
+
+
+def make_batch(B=6, S=8, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    lens = torch.tensor([S - i % 3 for i in range(B)])
+    q = torch.randint(4, 30, (B, S), generator=g) * (torch.arange(S) < lens[:, None])
+    return dict(image=torch.rand(B, 18, 6, 6, generator=g), question=q, question_len=lens,
+                answer=torch.randint(0, 8, (B,), generator=g))
+
+
+def model(**kw):
+    torch.manual_seed(0)
+    return lnmn.LNMN(lnmn.LNMNConfig(**{**TINY, **kw}), INFO)
+
+
+def one_hot_alpha(*ops):
+    return torch.stack([F.one_hot(torch.tensor(lnmn.OPS.index(o)), 6).float() * 20 for o in ops])
+
+
+@pytest.mark.parametrize("op", range(6))
+def test_a_node_with_one_hot_alpha_is_that_op(op):
+    x1, x2 = torch.randn(2, 36, 5), torch.randn(2, 36, 1)      # an attention map broadcasts over channels
+    want = (torch.minimum(x1, x2), torch.maximum(x1, x2), x1 + x2, x1 * x2, x1, x2.expand_as(x1))[op]
+    w = F.one_hot(torch.tensor(op), 6).float()
+    assert torch.allclose(lnmn.node(w, x1, x2), F.normalize(want, dim=-1), atol=1e-6)
+    alpha = torch.zeros(6).index_fill_(0, torch.tensor([op]), 1.0)
+    assert torch.equal(lnmn.op_weights(alpha, hard=True), w)
+
+
+def test_expression_printer_on_hand_set_alphas():
+    cfg = lnmn.LNMNConfig(**TINY)
+    cases = [(("attn", 3), ("max", "sum"), "conv2(max(conv1(I), a) + W1 c)"),
+             (("attn", 3), ("choose_2", "product"), "conv2(a * W1 c)"),
+             (("attn", 4), ("max", "choose_1", "product"), "conv2(max(a1, a2) * W1 c)"),
+             (("ans", 3), ("min", "product"), "W2[sum(min(conv1(I), a) * W1 c), W1 c, f_mem]"),
+             (("ans", 4), ("min", "sum", "product"), "W2[sum((min(a1, a2) + conv1(I)) * W1 c), W1 c, f_mem]")]
+    for (kind, inputs), ops, text in cases:
+        cell = lnmn.Cell(kind, inputs, cfg)
+        with torch.no_grad():
+            cell.alpha.copy_(one_hot_alpha(*ops))
+        assert cell.expression() == text
+
+
+@pytest.mark.parametrize("n,counts", lnmn.INVENTORIES.items())
+def test_module_inventories_of_table_3(n, counts):
+    m = model(modules=n)
+    assert len(m.module_names) == n == 1 + sum(counts)
+    kinds = [(c.kind, c.inputs) for c in m.modules_.cells]
+    assert [kinds.count(k) for k in [("attn", 3), ("attn", 4), ("ans", 3), ("ans", 4)]] == list(counts)
+    assert m.controller.module_logits.out_features == n
+
+
+def test_public_code_bugs_as_flags():
+    kb, mem, c = torch.randn(2, 36, 8), torch.randn(2, 8), torch.randn(2, 8)
+    A, bottom = torch.randn(2, 36, 5), F.one_hot(torch.tensor([0, 0]), 5).float()
+    for fix in (False, True):
+        _, ps, _ = model(push_fix=fix).modules_(kb, A, bottom, mem, c)
+        moved = [not torch.equal(ps[..., i], bottom) for i in range(ps.size(-1))]
+        assert any(moved) == fix                               # official: no module moves the pointer up
+    m = model(norm_fix=False)
+    att = m.modules_.cells[0](torch.randn(6, 36, 8), [torch.randn(6, 36)], torch.randn(6, 8), torch.randn(6, 8))
+    assert torch.allclose(att.abs(), torch.ones_like(att), atol=1e-4)  # official: the map is sign(x)
+    att = model().modules_.cells[0](torch.randn(6, 36, 8), [torch.randn(6, 36)], torch.randn(6, 8), torch.randn(6, 8))
+    assert not torch.allclose(att.abs(), torch.ones_like(att), atol=1e-2)
+
+
+def test_entropy_coefficient_schedule():
+    m = model()
+    for p, want in ((0.0, 1.0), (1 / 3, 0.5), (2 / 3, 0.0), (5 / 6, -0.5), (1.0, -1.0)):
+        m.progress = p
+        assert m.lambda_w() == pytest.approx(want, abs=1e-6)
+
+
+def test_shapes_finite_gradients_and_alpha_gets_only_the_arch_terms():
+    m = model().train()
+    b = make_batch()
+    out = m(b)
+    assert out["log_probs"].shape == (6, 8)
+    (F.nll_loss(out["log_probs"], b["answer"]) + out["aux_loss"] + out["arch_loss"]).backward()
+    for n, p in m.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all(), n
+    assert all(p.grad.abs().sum() > 0 for p in m.arch_parameters())
+    opt_ids = {id(p) for g in m.arch_optimizer().param_groups for p in g["params"]}
+    assert opt_ids == {id(p) for p in m.arch_parameters()}
+    rows = m.train_subset(1000)
+    assert len(rows) == 900 and len(set(rows.tolist())) == 900
+
+
+def test_overfits_one_batch():
+    m = model(map_dim=16, dim=32).train()
+    b = make_batch(B=8)
+    opt = torch.optim.Adam(m.parameters(), lr=3e-3)
+    first = None
+    for _ in range(200):
+        loss = F.nll_loss(m(b)["log_probs"], b["answer"])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        first = first or loss.item()
+        if loss.item() < 0.1 * first:
+            break
+    assert loss.item() < 0.1 * first, (first, loss.item())
+
+
+def test_trainer_steps_alphas_on_held_out_rows_and_analyze(tiny_data, tmp_path, monkeypatch, capsys):
+    seen = {}
+    real = lnmn.LNMN.forward
+
+    def spy(self, batch):                                      # which rows each forward reads
+        seen.setdefault("rows", []).append(tuple(batch["question"][:, 1].tolist()))
+        return real(self, batch)
+    monkeypatch.setattr(lnmn.LNMN, "forward", spy)
+    out = tmp_path / "run"
+    train.main(["lnmn", "--data", str(tiny_data), "--out", str(out), "--iters", "3", "--held-out", "0.25", *TINY_FLAGS])
+    monkeypatch.undo()
+    ckpt = torch.load(out / "last.pt", map_location="cpu", weights_only=True)
+    assert ckpt["arch_optimizer"]["state"]                     # the alpha optimizer stepped, and is saved
+    init = model(**{k: v for k, v in ckpt["config"]["model"].items() if k in TINY})
+    alpha = ckpt["model"]["modules_.cells.0.alpha"]
+    assert alpha.shape == (2, 6) and not torch.equal(alpha, torch.zeros_like(alpha))
+    # alpha moved by the alpha optimizer only: the weight optimizer has no state for it
+    n_weights = len([p for p in init.parameters()]) - len(init.arch_parameters())
+    assert len(ckpt["optimizer"]["state"]) == n_weights
+    assert len(seen["rows"]) >= 6                              # 3 weight + 3 alpha forwards (+ evaluation)
+    assert "training on 180 of the 240 training questions" in capsys.readouterr().out  # 60 held out for alpha
+    args = lnmn.argparse.Namespace(ckpt=str(out / "last.pt"), data=str(tiny_data), max_batches=1, out=str(tmp_path / "an"))
+    lnmn.analyze(args)
+    text = capsys.readouterr().out
+    for word in ("Table 6", "without max", "hard-max", "conv2("):
+        assert word in text
+    res = json.loads((tmp_path / "an" / "analysis.json").read_text())
+    assert len(res["accuracy"]) == 8 and len(res["expressions"]) == 8
+    assert (tmp_path / "an" / "alphas.png").exists()

@@ -1,0 +1,183 @@
+"""Tests for stack_nmn.py: the stack's invariants, the modules, the expert layout, shapes and gradients,
+overfitting a batch, the step protocol under DACT, and the command line (CPU, seconds)."""
+import dataclasses
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import dact
+import data
+import stack_nmn as sn
+import train
+
+TOKENS = ["<NULL>", "<START>", "<END>", "<UNK>", "count", "exist", "scene", "filter_color[red]", "relate[left]",
+          "unique", "intersect", "equal_integer", "query_shape", "equal_shape"]
+INFO = dict(num_words=30, num_answers=8, image_kind="features", image_shape=(18, 6, 6), program_tokens=TOKENS)
+TINY = dict(dim=16, embed_dim=8, kb_dim=8, pe_dim=4, mem_dim=8, out_dim=16, output_dropout=0.0)
+TINY_FLAGS = ["--dim", "16", "--embed-dim", "8", "--kb-dim", "8", "--pe-dim", "4", "--mem-dim", "8", "--out-dim", "16",
+              "--batch-size", "16", "--threads", "1", "--log-every", "1"]
+
+
+def tok(*names):
+    return [TOKENS.index(n) for n in names]
+
+
+def make_batch(B=6, S=8, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    lens = torch.tensor([S - i % 3 for i in range(B)])
+    q = torch.randint(4, 30, (B, S), generator=g) * (torch.arange(S) < lens[:, None])
+    progs = [tok("<START>", "count", "filter_color[red]", "scene", "<END>"),
+             tok("<START>", "exist", "relate[left]", "unique", "filter_color[red]", "scene", "<END>")]
+    program = torch.tensor([p + [0] * (7 - len(p)) for p in progs] * (B // 2))
+    return dict(image=torch.rand(B, 18, 6, 6, generator=g), question=q, question_len=lens, program=program,
+                answer=torch.randint(0, 8, (B,), generator=g))
+
+
+def model(**kw):
+    torch.manual_seed(0)
+    return sn.StackNMN(sn.StackNMNConfig(**{**TINY, **kw}), INFO)
+
+
+def test_config_defaults_and_presets():
+    d = sn.StackNMNConfig()
+    assert (d.max_steps, d.stack_len, d.sharpen, d.sharpen_temp) == (9, 8, "hard", 0.2)
+    fields = {f.name for f in dataclasses.fields(sn.StackNMNConfig)} | {f.name for f in dataclasses.fields(train.TrainConfig)}
+    assert set(sn.PRESETS["laptop"]) <= fields
+    assert len(sn.MODULES) == 9
+
+
+def test_pointer_stays_a_distribution_and_clamps_at_both_ends():
+    p = torch.rand(5, 8).softmax(-1)
+    for f in (sn.push, sn.pop):
+        q = p
+        for _ in range(10):                                    # far past either end
+            q = f(q)
+            assert torch.allclose(q.sum(-1), torch.ones(5)) and (q >= 0).all()
+    top, bottom = F.one_hot(torch.tensor([7]), 8).float(), F.one_hot(torch.tensor([0]), 8).float()
+    assert torch.equal(sn.push(top), top) and torch.equal(sn.pop(bottom), bottom)
+    for how in ("hard", "soft"):
+        s = sn.sharpen(p, how, 0.2)
+        assert torch.allclose(s.sum(-1), torch.ones(5))
+    assert torch.equal(sn.sharpen(p, "hard", 0.2).argmax(-1), p.argmax(-1))
+
+
+def test_push_then_pop_returns_the_pushed_map():
+    A, p = torch.randn(2, 36, 8), F.one_hot(torch.tensor([2, 5]), 8).float()
+    x = torch.randn(2, 36)
+    p1 = sn.push(p)
+    A1 = sn.write(A, p1, x)
+    assert torch.allclose(sn.read(A1, p1), x)                 # the top is the pushed map
+    assert torch.equal(sn.pop(p1), p) and torch.allclose(sn.read(A1, p), sn.read(A, p))  # below: unchanged
+
+
+def run_modules(m, A, p):
+    kb, mem, c = torch.randn(2, 36, 8), torch.randn(2, 8), torch.randn(2, 8)
+    return kb, c, m.modules_(kb, A, p, mem, c), mem
+
+
+def test_and_or_are_min_max_and_describe_leaves_the_stack():
+    m = model()
+    A, p = torch.randn(2, 36, 8), F.one_hot(torch.tensor([3, 1]), 8).float()
+    _, _, (As, ps, ms), mem = run_modules(m, A, p)
+    below, top = sn.read(A, sn.pop(p)), sn.read(A, p)
+    for idx, fn in ((sn.AND, torch.minimum), (sn.OR, torch.maximum)):
+        assert torch.equal(ps[..., idx], sn.pop(p))
+        assert torch.allclose(sn.read(As[..., idx], ps[..., idx]), fn(below, top))
+    for idx in (sn.ANSWER, sn.COMPARE, sn.NOOP):
+        assert torch.equal(As[..., idx], A) and torch.equal(ps[..., idx], p)
+    assert torch.equal(ms[..., sn.NOOP], mem) and (ms[..., sn.FIND] == 0).all()
+
+
+def test_filter_reuses_find_and_then_ands():
+    m = model()
+    assert not [n for n, _ in m.named_parameters() if "filter" in n]  # no weights of its own
+    A, p = torch.randn(2, 36, 8), F.one_hot(torch.tensor([3, 1]), 8).float()
+    kb, c, (As, ps, _), _ = run_modules(m, A, p)
+    A_find, p_find = As[..., sn.FIND], ps[..., sn.FIND]
+    assert torch.equal(p_find, sn.push(p)) and torch.equal(ps[..., sn.FILTER], p)
+    assert torch.allclose(sn.read(As[..., sn.FILTER], p), torch.minimum(sn.read(A, p), sn.read(A_find, p_find)))
+
+
+def test_expert_layout_follows_the_official_conversion():
+    L = lambda *t: [sn.MODULES[i] for i in sn.expert_layout(t)]
+    assert L("count", "filter_color[red]", "scene") == ["Find", "Answer"]
+    assert L("count", "scene") == ["Scene", "Answer"]
+    assert L("exist", "relate[left]", "unique", "filter_color[red]", "scene") == ["Find", "Transform", "Answer"]
+    assert L("equal_integer", "count", "filter_color[red]", "scene", "count", "scene") == ["Find", "Scene", "Compare"]
+    assert L("equal_shape", "query_shape", "unique", "filter_color[red]", "scene", "query_shape", "unique",
+             "filter_color[red]", "filter_color[red]", "scene") == ["Find", "Find", "Filter", "Compare"]
+    assert L("count", "intersect", "filter_color[red]", "scene", "scene") == ["Find", "Scene", "And", "Answer"]
+    gt = model(layout="gt").layouts(make_batch()["program"])
+    assert gt.shape == (6, 9) and gt[0].tolist() == [sn.FIND, sn.ANSWER] + [sn.NOOP] * 7
+
+
+@pytest.mark.parametrize("kw", [dict(layout="gt"), dict(layout="scratch", sharpen="soft")])
+def test_shapes_and_finite_gradients(kw):
+    m = model(**kw).train()
+    m.progress = 0.9                                           # the entropy term is on
+    out = m(make_batch())
+    assert out["log_probs"].shape == (6, 8)
+    assert torch.allclose(out["log_probs"].exp().sum(-1), torch.ones(6), atol=1e-5)
+    loss = F.nll_loss(out["log_probs"], make_batch()["answer"]) + out["aux_loss"]
+    loss.backward()
+    grads = [p.grad for p in m.parameters() if p.grad is not None]
+    assert grads and all(torch.isfinite(g).all() for g in grads)
+    if kw["layout"] == "gt":
+        assert out["metrics"]["layout_acc"].shape == (6,)
+
+
+def test_entropy_term_is_ramped_in_late():
+    m = model(weight_decay=0.0).train()
+    b = make_batch()
+    m.progress = 0.5
+    assert m(b)["aux_loss"] == 0
+    m.progress = 0.9
+    assert m(b)["aux_loss"] > 0
+
+
+def test_overfits_one_batch():
+    m = model(layout="gt", dim=32).train()
+    b = make_batch(B=8)
+    opt = torch.optim.Adam(m.parameters(), lr=3e-3)
+    first = None
+    for _ in range(150):
+        out = m(b)
+        loss = F.nll_loss(out["log_probs"], b["answer"])
+        opt.zero_grad()
+        (loss + out["aux_loss"]).backward()
+        opt.step()
+        first = first or loss.item()
+        if loss.item() < 0.1 * first:
+            break
+    assert loss.item() < 0.1 * first, (first, loss.item())
+
+
+def test_forward_is_the_step_protocol_and_dact_wraps_it():
+    m = model().eval()
+    b = make_batch()
+    ctx, states = m.run(b)
+    assert len(states) == 9 and states[-1]["stack"].shape == (6, 36, 8)
+    assert torch.allclose(m(b)["log_probs"], m.classify(ctx, states[-1]).log_softmax(-1))
+    for s in states:
+        assert torch.allclose(s["ptr"].sum(-1), torch.ones(6))
+    wrapped = dact.DACT(m, dact.DACTConfig())
+    for mode in (True, False):
+        out = wrapped.train(mode)(b)
+        assert out["log_probs"].shape == (6, 8) and torch.isfinite(out["log_probs"]).all()
+
+
+def test_cli_gt_layout_dact_and_figure(tiny_data, tmp_path, monkeypatch, capsys):
+    rec = train.main(["stack_nmn", "--layout", "gt", "--data", str(tiny_data), "--out", str(tmp_path / "gt"),
+                      "--iters", "2", *TINY_FLAGS])
+    assert rec["final_acc"] is not None and "layout_acc" in capsys.readouterr().out
+    train.main(["stack_nmn", "dact", "--data", str(tiny_data), "--out", str(tmp_path / "dact"), "--iters", "2",
+                "--max-steps", "3", *TINY_FLAGS])
+    args = sn.argparse.Namespace(ckpt=str(tmp_path / "gt" / "last.pt"), data=str(tiny_data), index=1,
+                                 out=str(tmp_path / "fig.png"))
+    sn.figure(args)
+    assert "step 9:" in capsys.readouterr().out and (tmp_path / "fig.png").stat().st_size > 0
+    monkeypatch.setitem(sys.modules, "matplotlib", None)      # no matplotlib: a clear message
+    with pytest.raises(SystemExit, match="pip install matplotlib"):
+        sn.figure(args)
