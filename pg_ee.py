@@ -231,8 +231,12 @@ class PGEE(nn.Module):
         log_probs = self.execute(image, tokens)                          # (B, A)
         reward = (log_probs.argmax(1) == batch["answer"]).float()        # (B,) 1[correct]
         with torch.no_grad():                                            # clevr-iep: update, then centre
+            mean = reward.mean()
+            if torch.distributed.is_available() and torch.distributed.is_initialized():  # torchrun: the
+                torch.distributed.all_reduce(mean)                       # global batch's mean, so every
+                mean /= torch.distributed.get_world_size()               # process keeps the same baseline
             d = self.cfg.reward_decay
-            self.baseline.mul_(d).add_((1 - d) * reward.mean())
+            self.baseline.mul_(d).add_((1 - d) * mean)
         return {"log_probs": log_probs, "aux_loss": reinforce_loss(logits, tokens, reward - self.baseline),
                 "metrics": {"program_acc": program_match(tokens, program).float(), "reward": reward}}
 

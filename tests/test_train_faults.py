@@ -65,9 +65,12 @@ class Recording(torch.nn.parallel.DistributedDataParallel):
     def __init__(self, module, *args, **kwargs):
         super().__init__(module, *args, **kwargs)
         wrapped.append(module)
+        initial.append({k: v.clone() for k, v in module.state_dict().items()})
 torch.nn.parallel.DistributedDataParallel = Recording
+initial = []
 train.main(sys.argv[3:])
 torch.save(wrapped[0].state_dict(), os.path.join(sys.argv[2], "rank%s.pt" % os.environ["RANK"]))
+torch.save(initial[0], os.path.join(sys.argv[2], "rank%s_init.pt" % os.environ["RANK"]))
 """
 
 
@@ -103,6 +106,34 @@ def test_torchrun_two_processes_match_one_process_on_the_same_global_batch(tiny_
     assert v_ddp["loss"] == pytest.approx(v_single["loss"], rel=1e-4)
     (t_ddp,), (t_single,) = records(tmp_path / "ddp", "train"), records(tmp_path / "single", "train")
     assert t_ddp["n"] == t_single["n"] == 4 * 16  # training tallies summed over the ranks too
+
+
+# LNMN steps a second optimizer (the alphas, on held-out rows) and PG+EE's joint stage samples programs
+# and keeps a moving-average baseline: under DDP the processes must still hold the same weights.
+OTHER_MODELS = {
+    "lnmn": ["--map-dim", "8", "--dim", "16", "--embed-dim", "8", "--kb-dim", "8", "--pe-dim", "4", "--mem-dim", "8",
+             "--out-dim", "16", "--held-out", "0.25", "--output-dropout", "0"],
+    "pg_ee": ["--stage", "joint", "--embed-dim", "8", "--hidden-dim", "16", "--module-dim", "4",
+              "--classifier-proj-dim", "8", "--classifier-fc-dim", "16", "--lr", "1e-2"],  # rewards within 4 steps
+}
+
+
+@pytest.mark.parametrize("model", sorted(OTHER_MODELS))
+def test_torchrun_keeps_the_ranks_identical_for_lnmn_and_pg_ee_joint(model, tiny_data, tmp_path):
+    script = tmp_path / "ddp_child.py"
+    script.write_text(DDP_CHILD)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script),
+           str(ROOT), str(tmp_path), model, "--data", str(tiny_data), "--out", str(tmp_path / "ddp"), "--iters", "4",
+           "--batch-size", "16", "--threads", "1", "--log-every", "2", *OTHER_MODELS[model]]
+    proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rank0, rank1, init = (load(tmp_path / f) for f in ("rank0.pt", "rank1.pt", "rank0_init.pt"))
+    for key in rank0:
+        assert torch.equal(rank0[key], rank1[key]), key  # weights, alphas and the baseline alike
+    moved = [k for k in rank0 if k.endswith("alpha") or k.startswith("pg.")]  # the alpha steps, REINFORCE
+    assert moved and any(not torch.equal(rank0[k], init[k]) for k in moved)
+
 
 
 def test_distributed_loader_splits_every_batch_and_covers_val_once(tiny_data):
