@@ -48,6 +48,17 @@ def test_config_defaults_and_presets():
     assert len(sn.MODULES) == 9
 
 
+def test_initialised_as_the_official_tensorflow_code():
+    m = sn.StackNMN(sn.StackNMNConfig(dim=64, embed_dim=64, kb_dim=256, pe_dim=16, mem_dim=64, out_dim=64), INFO)
+    for name, layer in m.named_modules():
+        if isinstance(layer, (torch.nn.Linear, torch.nn.Conv2d)):
+            fan_out, fan_in = layer.weight.shape[:2]
+            assert layer.weight.abs().max() <= (6 / (fan_in + fan_out)) ** 0.5, name  # Xavier-uniform's bound
+            assert layer.bias is None or not layer.bias.any(), name
+    w = m.modules_.find_conv.weight  # (1, 256): its norm bounds the Find map's logits (l2norm before it)
+    assert 1.2 < w.norm() < 1.7  # Xavier: about sqrt(2); PyTorch's default would give about 0.58
+
+
 def test_pointer_stays_a_distribution_and_clamps_at_both_ends():
     p = torch.rand(5, 8).softmax(-1)
     for f in (sn.push, sn.pop):
