@@ -78,9 +78,15 @@ def op_weights(alpha, mask=None, hard=False):
 
 def node(w, x1, x2):
     """O(x1, x2) = sum_i w_i op_i(x1, x2), then L2-normalised over channels (official code).
-    x1, x2 broadcast to (B, K, d); w: (N,)."""
-    ops = (torch.minimum(x1, x2), torch.maximum(x1, x2), x1 + x2, x1 * x2, x1, x2)
-    out = sum(wi * o for wi, o in zip(w, ops))                          # (B, K, d)
+    x1, x2 broadcast to (B, K, d); w: (N,) over OPS = min, max, sum, product, choose_1, choose_2.
+    min and max are written (x1 + x2 -+ |x1 - x2|) / 2: the same values and gradients (ties included:
+    each input gets half), but torch.minimum/maximum's backward on broadcast inputs took 40% of a
+    training step; with |x1 - x2| a step (laptop preset, batch 128, one thread) is 1.8x faster. By term:
+    sum_i w_i op_i = (w_min + w_max) / 2 (x1 + x2) + (w_max - w_min) / 2 |x1 - x2| + w_sum (x1 + x2)
+                     + w_prod x1 x2 + w_1 x1 + w_2 x2."""
+    w_min, w_max, w_sum, w_prod, w_1, w_2 = w
+    out = ((w_min + w_max) / 2 + w_sum) * (x1 + x2) + (w_max - w_min) / 2 * (x1 - x2).abs() \
+        + w_prod * (x1 * x2) + w_1 * x1 + w_2 * x2                     # (B, K, d)
     return F.normalize(out.expand(torch.broadcast_shapes(x1.shape, x2.shape)), dim=-1)
 
 

@@ -43,6 +43,23 @@ def test_a_node_with_one_hot_alpha_is_that_op(op):
     assert torch.equal(lnmn.op_weights(alpha, hard=True), w)
 
 
+def test_node_values_and_gradients_are_the_sum_over_the_six_ops_ties_included():
+    g = torch.Generator().manual_seed(0)
+    x1 = torch.randn(3, 36, 5, generator=g)
+    x2 = torch.randn(3, 36, 1, generator=g)
+    x2[:, :4] = x1[:, :4, :1]                                    # ties: min/max split the gradient in half
+    w = torch.rand(6, generator=g).softmax(0)
+    a1, a2, b1, b2 = (t.clone().requires_grad_() for t in (x1, x2, x1, x2))
+    ops = (torch.minimum(a1, a2), torch.maximum(a1, a2), a1 + a2, a1 * a2, a1, a2.expand_as(a1))
+    want = F.normalize(sum(wi * o for wi, o in zip(w, ops)), dim=-1)
+    got = lnmn.node(w, b1, b2)
+    assert torch.allclose(got, want, atol=1e-6)
+    up = torch.randn(want.shape, generator=g)
+    (want * up).sum().backward()
+    (got * up).sum().backward()
+    assert torch.allclose(b1.grad, a1.grad, atol=1e-5) and torch.allclose(b2.grad, a2.grad, atol=1e-5)
+
+
 def test_expression_printer_on_hand_set_alphas():
     cfg = lnmn.LNMNConfig(**TINY)
     cases = [(("attn", 3), ("max", "sum"), "conv2(max(conv1(I), a) + W1 c)"),
