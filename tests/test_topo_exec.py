@@ -120,7 +120,10 @@ def test_topo_equals_naive(clevr, executor, source):
 
 
 def test_float32_and_function_keyed_bank(clevr):
-    """A bank with one module per function (not per token) and float32: still equal within 1e-5."""
+    """A bank with one module per function (not per token) and float32: equal within float32 noise.
+    Batched and per-example convolutions sum in different orders (and oneDNN may pick another algorithm
+    for another batch size): gradients up to about 20 differed by more than 1e-5 + 1e-5 |x| once in a
+    full-suite run on a busy machine, so the relative tolerance is 1e-4."""
     programs = clevr[:32]
     torch.manual_seed(0)
     bank = nn.ModuleDict({fn: T.ConcatBlock(C) if data.arity(fn) == 2 else T.ResBlock(C)
@@ -131,7 +134,7 @@ def test_float32_and_function_keyed_bank(clevr):
     got = roots_and_grads(lambda: T.run_topo(plan, bank, feats), bank, feats, probe)
     ref = roots_and_grads(lambda: T.run_naive(programs, bank, feats), bank, feats, probe)
     for a, b in zip(got, ref):
-        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
 
 
 def test_module_call_bound(clevr):
