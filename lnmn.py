@@ -61,7 +61,8 @@ class LNMNConfig:
     norm_fix: bool = True  # NOTE (deviation): no L2 norm of the 1-channel map (the official code's gives sign(x))
 
 
-# A CPU run on the built-in mini-CLEVR (not from the paper). Keys that are not Config fields set the trainer.
+# A CPU run on the built-in mini-CLEVR (not from the paper): 211 questions/s on 2 threads, and a 4-epoch
+# run stayed near the answer prior (README). Keys that are not Config fields set the trainer.
 PRESETS = {
     "laptop": dict(map_dim=64, dim=128, embed_dim=64, kb_dim=64, pe_dim=16, mem_dim=128, out_dim=128,
                    output_dropout=0.0, lr=1e-3, schedule="cosine", batch_size=128, epochs=10, threads=2),

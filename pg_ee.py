@@ -232,9 +232,10 @@ class PGEE(nn.Module):
         reward = (log_probs.argmax(1) == batch["answer"]).float()        # (B,) 1[correct]
         with torch.no_grad():                                            # clevr-iep: update, then centre
             mean = reward.mean()
-            if torch.distributed.is_available() and torch.distributed.is_initialized():  # torchrun: the
-                torch.distributed.all_reduce(mean)                       # global batch's mean, so every
-                mean /= torch.distributed.get_world_size()               # process keeps the same baseline
+            # torchrun: the mean over the global batch, so that every process keeps the same baseline
+            if torch.distributed.is_available() and torch.distributed.is_initialized():
+                torch.distributed.all_reduce(mean)
+                mean /= torch.distributed.get_world_size()
             d = self.cfg.reward_decay
             self.baseline.mul_(d).add_((1 - d) * mean)
         return {"log_probs": log_probs, "aux_loss": reinforce_loss(logits, tokens, reward - self.baseline),

@@ -253,12 +253,11 @@ class Modules(nn.Module):
 
 def tf_init(model):
     """The official code's TensorFlow initialisers (util/cnn.py): Xavier-uniform weights and zero biases
-    for every fc and 1x1 conv. It matters: a map's logits are w . l2norm(...), so bounded by |w|, and
-    PyTorch's default init makes the 1x1 convs' |w| about 2.4x smaller, which leaves the maps near
-    uniform for thousands of iterations. On the built-in data (laptop preset, gt layout, lr 1e-3, one
-    seed each), train accuracy over iterations 401-500: 43.6% with PyTorch's init, 52.4% with this one
-    (and 65.9% over 601-700, Query Attribute 85%). NOTE (deviation): the word embeddings keep PyTorch's
-    N(0, 1); with the official N(0, 1/E) it was 44.1% and 49.9%. The LSTM keeps PyTorch's init too."""
+    for every fc and 1x1 conv. It matters: a map's logits are w . l2norm(...), bounded by |w|, and
+    PyTorch's default gives these convs a |w| about 2.4x smaller, which keeps the maps near uniform for
+    thousands of iterations (measured in the README, "Stack-NMN and LNMN").
+    NOTE (deviation): the word embeddings keep PyTorch's N(0, 1), not the official N(0, 1/E), which
+    learned slower here; the LSTM keeps PyTorch's init too."""
     for m in model.modules():
         if isinstance(m, (nn.Linear, nn.Conv2d)):
             nn.init.xavier_uniform_(m.weight)

@@ -135,7 +135,6 @@ def test_torchrun_keeps_the_ranks_identical_for_lnmn_and_pg_ee_joint(model, tiny
     assert moved and any(not torch.equal(rank0[k], init[k]) for k in moved)
 
 
-
 def test_distributed_loader_splits_every_batch_and_covers_val_once(tiny_data):
     split = data.Split(tiny_data, "val")
     whole = [b["image_index"].tolist() for b in data.Loader(split, 10, shuffle=True, seed=3)]
