@@ -58,7 +58,7 @@ class LNMNConfig:
     held_out: float = 0.1  # NOTE (deviation): share of the TRAINING questions for the alpha steps (official: val)
     held_out_seed: int = 0  # which training questions are held out
     push_fix: bool = True  # NOTE (deviation): 3-input attention cells push (the official code never pushes)
-    norm_fix: bool = True  # NOTE (deviation): no L2 norm of the 1-channel map (the official code's gives sign(x))
+    norm_fix: bool = True  # NOTE (deviation): 4-input cells merge their two maps without the L2 norm (official: sign(x))
 
 
 # A CPU run on the built-in mini-CLEVR (not from the paper): 211 questions/s on 2 threads, and a 4-epoch
@@ -77,8 +77,9 @@ def op_weights(alpha, mask=None, hard=False):
     return w if mask is None else w * mask
 
 
-def node(w, x1, x2):
-    """O(x1, x2) = sum_i w_i op_i(x1, x2), then L2-normalised over channels (official code).
+def node(w, x1, x2, normalize=True):
+    """O(x1, x2) = sum_i w_i op_i(x1, x2), then L2-normalised over channels (official code; on a
+    1-channel map that norm is x / |x| = sign(x): `normalize=False` skips it).
     x1, x2 broadcast to (B, K, d); w: (N,) over OPS = min, max, sum, product, choose_1, choose_2.
     min and max are written (x1 + x2 -+ |x1 - x2|) / 2: the same values and gradients (ties included:
     each input gets half), but torch.minimum/maximum's backward on broadcast inputs took 40% of a
@@ -88,7 +89,8 @@ def node(w, x1, x2):
     w_min, w_max, w_sum, w_prod, w_1, w_2 = w
     out = ((w_min + w_max) / 2 + w_sum) * (x1 + x2) + (w_max - w_min) / 2 * (x1 - x2).abs() \
         + w_prod * (x1 * x2) + w_1 * x1 + w_2 * x2                     # (B, K, d)
-    return F.normalize(out.expand(torch.broadcast_shapes(x1.shape, x2.shape)), dim=-1)
+    out = out.expand(torch.broadcast_shapes(x1.shape, x2.shape))
+    return F.normalize(out, dim=-1) if normalize else out
 
 
 class Cell(nn.Module):
@@ -109,14 +111,14 @@ class Cell(nn.Module):
         m (B, Dm) f_mem -> attention map (B, K) or memory (B, Dm)."""
         w = op_weights(self.alpha, mask, hard)                           # (k, N)
         maps = [a[..., None] for a in maps]                              # (B, K, 1): broadcast over channels
-        x = node(w[0], I, maps[0]) if self.inputs == 3 else node(w[1], node(w[0], maps[0], maps[1]), I)
+        if self.inputs == 3:
+            x = node(w[0], I, maps[0])                                   # (B, K, d)
+        else:  # the two maps merged: (B, K, 1); the official code's L2 norm makes it sign(x) (norm_fix)
+            x = node(w[1], node(w[0], maps[0], maps[1], normalize=not self.norm_fix), I)
         x = node(w[-1], x, c[:, None])                                   # (B, K, d) the last node
         if self.kind == "ans":
             return self.out(torch.cat([x.sum(1), c, m], -1))             # (B, Dm) W2[sum x; W1 c; f_mem]
-        att = self.out(x)                                                # (B, K, 1) conv2
-        if not self.norm_fix:  # official code: L2 norm over the single channel = x / |x| = sign(x)
-            att = F.normalize(att, dim=-1)
-        return att.squeeze(-1)                                           # (B, K)
+        return self.out(x).squeeze(-1)                                   # (B, K) conv2
 
     def expression(self, hard_alpha=None):
         """The analytical expression from the argmax op of every node (Table 6), choose_* resolved."""

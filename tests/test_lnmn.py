@@ -90,11 +90,16 @@ def test_public_code_bugs_as_flags():
         _, ps, _ = model(push_fix=fix).modules_(kb, A, bottom, mem, c)
         moved = [not torch.equal(ps[..., i], bottom) for i in range(ps.size(-1))]
         assert any(moved) == fix                               # official: no module moves the pointer up
-    m = model(norm_fix=False)
-    att = m.modules_.cells[0](torch.randn(6, 36, 8), [torch.randn(6, 36)], torch.randn(6, 8), torch.randn(6, 8))
-    assert torch.allclose(att.abs(), torch.ones_like(att), atol=1e-4)  # official: the map is sign(x)
-    att = model().modules_.cells[0](torch.randn(6, 36, 8), [torch.randn(6, 36)], torch.randn(6, 8), torch.randn(6, 8))
-    assert not torch.allclose(att.abs(), torch.ones_like(att), atol=1e-2)
+    I, c, m = torch.randn(6, 36, 8), torch.randn(6, 8), torch.randn(6, 8)
+    a1, a2 = torch.randn(6, 36), torch.randn(6, 36)
+    scale = torch.rand(6, 36) + 0.5                            # new magnitudes, the same signs
+    for fix in (False, True):
+        for cell in model(norm_fix=fix).modules_.cells:
+            if cell.inputs == 4:                               # official: the merged map is sign(x)
+                cell.alpha.data = F.one_hot(torch.tensor([0, 2, 3]), 6).float()  # min(a1, a2) + conv1(I), * W1 c
+                run = lambda *maps: cell(I, list(maps), c, m, hard=True)  # exactly those ops
+                same = torch.allclose(run(a1, a2), run(a1 * scale, a2 * scale), atol=1e-5)
+                assert same != fix
 
 
 def test_entropy_coefficient_schedule():
