@@ -58,7 +58,7 @@ class LNMNConfig:
     held_out: float = 0.1  # NOTE (deviation): share of the TRAINING questions for the alpha steps (official: val)
     held_out_seed: int = 0  # which training questions are held out
     push_fix: bool = True  # NOTE (deviation): 3-input attention cells push (the official code never pushes)
-    norm_fix: bool = True  # NOTE (deviation): 4-input cells merge their two maps without the L2 norm (official: sign(x))
+    norm_fix: bool = True  # NOTE (deviation): 4-input cells merge their maps without the L2 norm (official: sign)
 
 
 # A CPU run on the built-in mini-CLEVR (not from the paper; README). arch_lr: Adam moves each alpha by
@@ -105,7 +105,8 @@ class Cell(nn.Module):
     def __init__(self, kind, inputs, cfg):
         super().__init__()
         self.kind, self.inputs, self.norm_fix = kind, inputs, cfg.norm_fix
-        self.alpha = nn.Parameter(1e-3 * torch.randn(inputs - 1, len(OPS)))  # DARTS: small random init
+        # NOTE (deviation): alphas start near uniform, N(0, 1e-3), as DARTS (the official code: N(0, 1))
+        self.alpha = nn.Parameter(1e-3 * torch.randn(inputs - 1, len(OPS)))
         d = cfg.map_dim
         self.out = nn.Linear(d, 1) if kind == "attn" else nn.Linear(d + d + cfg.mem_dim, cfg.mem_dim)
 
