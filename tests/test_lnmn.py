@@ -168,4 +168,8 @@ def test_trainer_steps_alphas_on_held_out_rows_and_analyze(tiny_data, tmp_path, 
         assert word in text
     res = json.loads((tmp_path / "an" / "analysis.json").read_text())
     assert len(res["accuracy"]) == 8 and len(res["expressions"]) == 8
-    assert (tmp_path / "an" / "alphas.png").exists()
+    try:                                                       # the heat map needs matplotlib, which is optional
+        import matplotlib  # noqa: F401
+        assert (tmp_path / "an" / "alphas.png").exists()
+    except ImportError:
+        assert "pip install matplotlib" in text and not (tmp_path / "an" / "alphas.png").exists()
