@@ -44,7 +44,7 @@ class PGEEConfig:
     stage: Literal["pg", "ee", "joint"] = "ee"  # Sec. 4.1: pg / ee on ground-truth programs; joint: REINFORCE
     num_programs: int = 0  # Sec. 4.1: pg stage on a seeded random subset of N ground-truth programs (0: all)
     program_seed: int = 0  # which N programs: a seeded random subset, not the first N
-    exec: Literal["topo", "naive"] = "topo"  # EE executor: batched by height (topo_exec.py) or per example (clevr-iep)
+    exec: Literal["topo", "level", "naive"] = "topo"  # EE executor (topo_exec.py): by (height, module), by height, or per example (clevr-iep)
     embed_dim: int = 300  # clevr-iep: word and program-token embeddings (wordvec_dim)
     hidden_dim: int = 256  # clevr-iep: LSTM hidden size (rnn_hidden_dim)
     rnn_layers: int = 2  # clevr-iep: 2-layer encoder and decoder LSTMs
@@ -157,9 +157,10 @@ class ExecutionEngine(nn.Module):
     def forward(self, image, programs):
         """image (B, C_in, H, W), programs: B prefix token lists -> answer logits (B, A)."""
         feats = self.stem(image)                                         # (B, C, H, W)
-        if self.exec == "topo":
+        if self.exec in ("topo", "level"):                               # one call per (level, module) / per level
             plan = topo_exec.make_plan(programs, self.bank, device=feats.device)
-            roots = topo_exec.run_topo(plan, self.bank, feats)           # (B, C, H, W)
+            run = topo_exec.run_topo if self.exec == "topo" else topo_exec.run_level
+            roots = run(plan, self.bank, feats)                          # (B, C, H, W)
         else:
             roots = topo_exec.run_naive(programs, self.bank, feats)      # (B, C, H, W)
         return self.classifier(roots)                                    # (B, A)
