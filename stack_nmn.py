@@ -17,7 +17,7 @@ and `StackNMN` with the step protocol of DESIGN.md (so `python train.py stack_nm
 
 Shapes:
     B  batch      S  question tokens     K = H*W knowledge cells (14*14 on CLEVR, 6*6 built-in)
-    D  BiLSTM size (cfg.dim)   E  word embedding = size of c_t   Dk  knowledge base   Dm  memory
+    D  BiLSTM size (cfg.dim)   E  size of c_t (word embedding; D with control_over words)   Dk  knowledge base   Dm  memory
     T  controller steps   L  stack slots   M  modules (9)   A  answers
 """
 import argparse
@@ -39,7 +39,8 @@ import data
 class StackNMNConfig:
     layout: Literal["scratch", "gt"] = "scratch"  # Sec. 4: layouts learned from scratch, or supervised by the expert layout
     dim: int = 512  # official config LSTM_DIM: BiLSTM, dim // 2 per direction
-    embed_dim: int = 300  # official config EMBED_DIM; c_t averages word embeddings (USE_WORD_EMBED)
+    embed_dim: int = 300  # official config EMBED_DIM: word embeddings
+    control_over: Literal["embeds", "words"] = "embeds"  # official USE_WORD_EMBED: c_t averages the word embeddings (words: BiLSTM states)
     kb_dim: int = 512  # official config KB_DIM: knowledge-base channels
     pe_dim: int = 128  # official config PE_DIM: 2-D positional encoding appended to the features
     mem_dim: int = 512  # official config NMN.MEM_DIM: memory vector of the describe modules
@@ -172,13 +173,19 @@ class InputUnit(nn.Module):
 
 # ----------------------------------------------------------------------------- controller (Sec. 3.1)
 
+def control_dim(cfg):
+    """E, the size of c_t: the word embeddings' (control_over embeds) or the BiLSTM's (words)."""
+    return cfg.embed_dim if cfg.control_over == "embeds" else cfg.dim
+
+
 class Controller(nn.Module):
     """u = W2[W1^(t) q + b1; c_{t-1}] + b2; w(t) = softmax(W u); cv = softmax_s(W3 (u * h_s));
-    c_t = sum_s cv_s e_s (official code: over the word embeddings)."""
+    c_t = sum_s cv_s e_s over the word embeddings e_s (official Stack-NMN; `control_over words`: over
+    the BiLSTM states h_s, as the official LNMN code)."""
 
     def __init__(self, cfg, num_modules):
         super().__init__()
-        D, E = cfg.dim, cfg.embed_dim
+        D, E = cfg.dim, control_dim(cfg)
         self.q_step = nn.ModuleList(nn.Linear(D, D) for _ in range(cfg.max_steps))  # W1^(t), b1
         self.u = nn.Linear(D + E, D)                                     # W2, b2
         self.module_logits = nn.Linear(D, num_modules, bias=False)       # official LINEAR_MODULE_WEIGHTS
@@ -186,6 +193,7 @@ class Controller(nn.Module):
         self.c_0 = nn.Parameter(torch.randn(E) / math.sqrt(E))          # official: c_init ~ N(0, 1/E)
 
     def forward(self, q, c_prev, hs, es, mask, t):
+        """q (B, D), c_prev (B, E), hs (B, S, D) attended with u, es (B, S, E) averaged into c_t."""
         u = self.u(torch.cat([self.q_step[t](q), c_prev], -1))           # (B, D)
         logits = self.module_logits(u)                                   # (B, M)
         cv = self.attn(u[:, None] * hs).squeeze(-1).masked_fill(~mask, float("-inf")).softmax(-1)  # (B, S)
@@ -211,7 +219,7 @@ class Modules(nn.Module):
 
     def __init__(self, cfg):
         super().__init__()
-        Dk, E, Dm = cfg.kb_dim, cfg.embed_dim, cfg.mem_dim
+        Dk, E, Dm = cfg.kb_dim, control_dim(cfg), cfg.mem_dim
         self.find_c, self.find_conv = nn.Linear(E, Dk), nn.Linear(Dk, 1)  # Filter reuses these
         self.transform_c, self.transform_conv = nn.Linear(E, Dk), nn.Linear(Dk, 1)
         self.scene_conv = nn.Linear(Dk, 1)
@@ -277,7 +285,7 @@ class StackNMN(nn.Module):
 
     def __init__(self, cfg, info):
         super().__init__()
-        self.cfg, self.max_steps, self.halt_dim = cfg, cfg.max_steps, cfg.embed_dim
+        self.cfg, self.max_steps, self.halt_dim = cfg, cfg.max_steps, control_dim(cfg)
         self.progress = 0.0                                              # set by train.py: share of the run done
         self.program_tokens = info.get("program_tokens")
         self.input = InputUnit(cfg, info)
@@ -305,7 +313,7 @@ class StackNMN(nn.Module):
 
     def step(self, ctx, state, t):
         """Every module runs; stack, pointer and memory are averaged with w(t); the pointer is sharpened."""
-        c, logits, cv = self.controller(ctx["question"], state["control"], ctx["words"], ctx["embeds"],
+        c, logits, cv = self.controller(ctx["question"], state["control"], ctx["words"], ctx[self.cfg.control_over],
                                         ctx["word_mask"], t)
         w = logits.softmax(-1)                                           # (B, M) w(t)
         As, ps, ms = self.modules_(ctx["kb"], state["stack"], state["ptr"], state["memory"], c)

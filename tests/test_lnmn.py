@@ -84,7 +84,7 @@ def test_module_inventories_of_table_3(n, counts):
 
 
 def test_public_code_bugs_as_flags():
-    kb, mem, c = torch.randn(2, 36, 8), torch.randn(2, 8), torch.randn(2, 8)
+    kb, mem, c = torch.randn(2, 36, 8), torch.randn(2, 8), torch.randn(2, 16)  # c_t: BiLSTM size (dim 16)
     A, bottom = torch.randn(2, 36, 5), F.one_hot(torch.tensor([0, 0]), 5).float()
     for fix in (False, True):
         _, ps, _ = model(push_fix=fix).modules_(kb, A, bottom, mem, c)
@@ -100,6 +100,27 @@ def test_public_code_bugs_as_flags():
                 run = lambda *maps: cell(I, list(maps), c, m, hard=True)  # exactly those ops
                 same = torch.allclose(run(a1, a2), run(a1 * scale, a2 * scale), atol=1e-5)
                 assert same != fix
+
+
+def test_official_stack_use_memory_and_controller():
+    """Answer cells pop the maps they read and leave the stack's contents; only answer cells write the
+    memory (f_mem = sum over answer modules, Sec. 2.3); c_t averages the BiLSTM states (size dim); the
+    pointer is sharpened by softmax(p / 0.2) (Algorithm 1), so it stays a distribution."""
+    m = model()
+    kb, mem, c = torch.randn(2, 36, 8), torch.randn(2, 8), torch.randn(2, 16)
+    A, p = torch.randn(2, 36, 5), F.one_hot(torch.tensor([2, 3]), 5).float()
+    As, ps, ms = m.modules_(kb, A, p, mem, c)
+    for i, cell in enumerate(m.modules_.cells, 1):
+        if cell.kind == "ans":
+            assert torch.equal(ps[..., i], sn.pop(p) if cell.inputs == 3 else sn.pop(sn.pop(p)))
+            assert torch.equal(As[..., i], A) and not torch.equal(ms[..., i], torch.zeros_like(mem))
+        else:
+            assert torch.equal(ms[..., i], torch.zeros_like(mem))
+    assert torch.equal(ms[..., 0], torch.zeros_like(mem))     # NoOp does not carry the memory over
+    assert m.controller.c_0.shape == (16,) and m.halt_dim == 16
+    ctx = m.encode(make_batch())
+    state = m.step(ctx, m.init_state(ctx), 0)
+    assert torch.allclose(state["ptr"].sum(-1), torch.ones(6)) and (state["ptr"].max(-1).values < 1).all()
 
 
 def test_entropy_coefficient_schedule():
