@@ -156,11 +156,11 @@ def par(s):
 # ----------------------------------------------------------------------------- the module bank (Sec. 3.2)
 
 class CellModules(nn.Module):
-    """NoOp + the cells of Table 3. A cell pops the maps it reads and pushes the map it writes (Sec. 2.2):
-    attention 3-input pops one and pushes one (push_fix; the official code writes over the top map and
-    keeps the pointer: no cell ever pushes), attention 4-input pops two and pushes one, answer cells pop
-    one or two (official code). Only answer cells output memory: f_mem = sum_{m in ans} w_m o_m (Sec. 2.3),
-    so NoOp, unlike Stack-NMN's, does not carry the memory over."""
+    """NoOp + the cells of Table 3. Stack use (Sec. 2.2): attention 3-input reads the top map and pushes
+    its output (push_fix; the official code writes over the top map and keeps the pointer: no cell ever
+    pushes), attention 4-input pops two and pushes one, answer cells pop the one or two maps they read
+    (official code; Stack-NMN's describe modules keep the stack). Only answer cells output memory:
+    f_mem = sum_{m in ans} w_m o_m (Sec. 2.3), so NoOp, unlike Stack-NMN's, does not carry it over."""
 
     def __init__(self, cfg):
         super().__init__()
