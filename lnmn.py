@@ -41,7 +41,7 @@ class LNMNConfig:
     map_dim: int = 384  # official README run: map_dim 384 (node channels d)
     dim: int = 512  # Stack-NMN: BiLSTM, dim // 2 per direction
     embed_dim: int = 300  # Stack-NMN: word embeddings
-    control_over: Literal["words", "embeds"] = "words"  # official code: c_t averages the BiLSTM states (Stack-NMN: embeddings)
+    control_over: Literal["words", "embeds"] = "words"  # official code: c_t averages the BiLSTM states
     kb_dim: int = 512  # Stack-NMN: knowledge-base channels
     pe_dim: int = 128  # Stack-NMN: 2-D positional encoding
     mem_dim: int = 512  # Stack-NMN: memory features f_mem

@@ -7,7 +7,7 @@ Official code: facebookresearch/clevr-iep.
 
 This file holds the program generator (seq2seq LSTM, Sec. 3.1), the execution engine (stem, a module
 bank with one residual module per program token, classifier, Sec. 3.2; executed by topo_exec.py,
-batched by tree height or per example as clevr-iep), REINFORCE with a moving-average baseline (Sec. 3.3),
+batched by (height, module) or by height, or per example as clevr-iep), REINFORCE with a moving-average baseline (Sec. 3.3),
 and `PGEE`, the model that the trainer runs in one of the paper's three stages (Sec. 4.1):
 
     python train.py pg_ee --stage ee                                  # EE on ground-truth programs
@@ -44,7 +44,7 @@ class PGEEConfig:
     stage: Literal["pg", "ee", "joint"] = "ee"  # Sec. 4.1: pg / ee on ground-truth programs; joint: REINFORCE
     num_programs: int = 0  # Sec. 4.1: pg stage on a seeded random subset of N ground-truth programs (0: all)
     program_seed: int = 0  # which N programs: a seeded random subset, not the first N
-    exec: Literal["topo", "level", "naive"] = "topo"  # EE executor (topo_exec.py): by (height, module), by height, or per example (clevr-iep)
+    exec: Literal["topo", "level", "naive"] = "topo"  # EE executor: by (height, module), by height, per example
     embed_dim: int = 300  # clevr-iep: word and program-token embeddings (wordvec_dim)
     hidden_dim: int = 256  # clevr-iep: LSTM hidden size (rnn_hidden_dim)
     rnn_layers: int = 2  # clevr-iep: 2-layer encoder and decoder LSTMs

@@ -40,7 +40,7 @@ class StackNMNConfig:
     layout: Literal["scratch", "gt"] = "scratch"  # Sec. 4: layouts learned from scratch, or supervised by the expert layout
     dim: int = 512  # official config LSTM_DIM: BiLSTM, dim // 2 per direction
     embed_dim: int = 300  # official config EMBED_DIM: word embeddings
-    control_over: Literal["embeds", "words"] = "embeds"  # official USE_WORD_EMBED: c_t averages the word embeddings (words: BiLSTM states)
+    control_over: Literal["embeds", "words"] = "embeds"  # official USE_WORD_EMBED: c_t averages embeddings
     kb_dim: int = 512  # official config KB_DIM: knowledge-base channels
     pe_dim: int = 128  # official config PE_DIM: 2-D positional encoding appended to the features
     mem_dim: int = 512  # official config NMN.MEM_DIM: memory vector of the describe modules
