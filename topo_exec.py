@@ -31,8 +31,12 @@ Schedules (REFERENCE.md, "Topological batched execution"):
     height     level of a node = 0 for a leaf, 1 + max child height otherwise: calls <= d * p   (O(p d))
     postorder  level = the node's post-order index in its program, as the official code ranks nodes
                (FastExecutioner, HighArcESort): levels = longest program, calls grow with length (O(p s))
+    agenda     not in the paper: one module per level, chosen greedily among the nodes whose children
+               have run (the agenda of DyNet's autobatching, Neubig et al. 2017): a node may wait past
+               its height to join a later call of its module, so calls fall below height's
 """
 import argparse
+import collections
 import contextlib
 import ctypes
 import dataclasses
@@ -201,13 +205,48 @@ def _index(rows, device):
     return torch.tensor(rows, dtype=torch.long, device=device)
 
 
+def agenda_levels(keys, kids):
+    """The agenda schedule: level of each node, one module per level. Nodes in prefix order (a parent
+    before its children). Each level runs one module on all its ready nodes (children done), chosen:
+    a module whose every remaining node is ready (it will never need another call) first, then the
+    one whose ready nodes are farthest from their root (the longest chain still to run), then the
+    one with most ready nodes. No schedule of one module per call can beat, for each module, the most
+    nodes of it on one root-to-leaf path (they must run one after the other): README, measured."""
+    n = len(keys)
+    parent, to_root = [-1] * n, [0] * n
+    for k in range(n):
+        for c in kids[k]:
+            parent[c], to_root[c] = k, to_root[k] + 1
+    waiting = [len(c) for c in kids]  # children not yet run
+    remaining = collections.Counter(keys)  # module -> its nodes not yet run
+    ready = {}  # module -> its nodes whose children have run
+    for k in range(n):
+        if not kids[k]:
+            ready.setdefault(keys[k], []).append(k)
+    level_of = [0] * n
+    for level in itertools.count():
+        if not ready:
+            return level_of
+        key = max(ready, key=lambda m: (len(ready[m]) == remaining[m], max(to_root[k] for k in ready[m]),
+                                        len(ready[m]), m))
+        nodes = ready.pop(key)
+        remaining[key] -= len(nodes)
+        for k in nodes:
+            level_of[k] = level
+            p = parent[k]
+            if p >= 0:
+                waiting[p] -= 1
+                if waiting[p] == 0:
+                    ready.setdefault(keys[p], []).append(p)
+
+
 def make_plan(programs, bank, schedule="height", device="cpu"):
     """Group all nodes of a batch by (level, module) and precompute every index tensor of the run.
 
     programs: B prefix token lists; bank: as in run_naive (its keys and parameter shapes are read);
-    schedule: "height" (the improved sort, levels = max height + 1) or "postorder" (the official
-    code's ranks, levels = longest program)."""
-    assert schedule in ("height", "postorder"), schedule
+    schedule: "height" (the improved sort, levels = max height + 1), "postorder" (the official
+    code's ranks, levels = longest program) or "agenda" (one module per level, see agenda_levels)."""
+    assert schedule in ("height", "postorder", "agenda"), schedule
     # 1. the nodes of the whole batch, program after program, each in prefix order (root first)
     keys, kids, level_of, example, is_root = [], [], [], [], []
     key_cache = {}
@@ -221,6 +260,8 @@ def make_plan(programs, bank, schedule="height", device="cpu"):
             level_of.append(height if schedule == "height" else post)
             example.append(b)
             is_root.append(len(keys) == base + 1)
+    if schedule == "agenda":
+        level_of = agenda_levels(keys, kids)
     num_nodes, num_levels = len(keys), max(level_of) + 1
 
     # 2. layout: node k is row out_row[k] of group out_group[k]; child c feeds row dest[c] of its parent's X
@@ -436,7 +477,7 @@ def run_level(plan, bank, feats, regather=True):
 @dataclass
 class BenchConfig:
     batch_sizes: tuple = ()  # default: 1 8 64 256 512 1024 on CUDA, 1 8 64 on CPU (its convs are slow)
-    executors: tuple = ("naive", "topo", "postorder", "level")  # per example; height; official schedule; per level
+    executors: tuple = ("naive", "topo", "postorder", "agenda", "level")  # naive, the schedules (top of file), level
     channels: int = 128  # REFERENCE.md PG+EE: the execution engine's modules are 128 wide
     size: int = 14  # REFERENCE.md: ResNet-101 conv4 features are 14 x 14
     repeats: int = 5  # timed runs per figure (the best is reported), after one warm-up run
@@ -488,6 +529,7 @@ EXECUTORS = {  # name -> (schedule of its plan, or None for no plan; run functio
     "naive": (None, lambda plan, programs, bank, feats: run_naive(programs, bank, feats)),
     "topo": ("height", lambda plan, programs, bank, feats: run_topo(plan, bank, feats)),
     "postorder": ("postorder", lambda plan, programs, bank, feats: run_topo(plan, bank, feats)),
+    "agenda": ("agenda", lambda plan, programs, bank, feats: run_topo(plan, bank, feats)),
     "level": ("height", lambda plan, programs, bank, feats: run_level(plan, bank, feats)),
 }
 
