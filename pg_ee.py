@@ -6,9 +6,9 @@ Paper: J. Johnson, B. Hariharan, L. van der Maaten, J. Hoffman, L. Fei-Fei, C. L
 Official code: facebookresearch/clevr-iep.
 
 This file holds the program generator (seq2seq LSTM, Sec. 3.1), the execution engine (stem, a module
-bank with one residual module per program token, classifier, Sec. 3.2; executed by topo_exec.py,
-batched by (height, module) or by height, or per example as clevr-iep), REINFORCE with a moving-average baseline (Sec. 3.3),
-and `PGEE`, the model that the trainer runs in one of the paper's three stages (Sec. 4.1):
+bank with one residual module per program token, classifier, Sec. 3.2; run by topo_exec.py, batched
+by (height, module), by the agenda schedule or by height, or per example as clevr-iep), REINFORCE with a
+moving-average baseline (Sec. 3.3), and `PGEE`, the model that the trainer runs in one of the paper's three stages (Sec. 4.1):
 
     python train.py pg_ee --stage ee                                  # EE on ground-truth programs
     python train.py pg_ee --stage pg --num-programs 5000 --init EE    # PG on 5,000 programs (EE kept)
@@ -44,7 +44,7 @@ class PGEEConfig:
     stage: Literal["pg", "ee", "joint"] = "ee"  # Sec. 4.1: pg / ee on ground-truth programs; joint: REINFORCE
     num_programs: int = 0  # Sec. 4.1: pg stage on a seeded random subset of N ground-truth programs (0: all)
     program_seed: int = 0  # which N programs: a seeded random subset, not the first N
-    exec: Literal["topo", "level", "naive"] = "topo"  # EE executor: by (height, module), by height, per example
+    exec: Literal["topo", "agenda", "level", "naive"] = "topo"  # EE executor: topo_exec.py's schedules, per example
     embed_dim: int = 300  # clevr-iep: word and program-token embeddings (wordvec_dim)
     hidden_dim: int = 256  # clevr-iep: LSTM hidden size (rnn_hidden_dim)
     rnn_layers: int = 2  # clevr-iep: 2-layer encoder and decoder LSTMs
@@ -157,12 +157,9 @@ class ExecutionEngine(nn.Module):
     def forward(self, image, programs):
         """image (B, C_in, H, W), programs: B prefix token lists -> answer logits (B, A)."""
         feats = self.stem(image)                                         # (B, C, H, W)
-        if self.exec in ("topo", "level"):                               # one call per (level, module) / per level
-            plan = topo_exec.make_plan(programs, self.bank, device=feats.device)
-            run = topo_exec.run_topo if self.exec == "topo" else topo_exec.run_level
-            roots = run(plan, self.bank, feats)                          # (B, C, H, W)
-        else:
-            roots = topo_exec.run_naive(programs, self.bank, feats)      # (B, C, H, W)
+        schedule, run = topo_exec.EXECUTORS[self.exec]                   # naive: no plan, one call per node
+        plan = topo_exec.make_plan(programs, self.bank, schedule, feats.device) if schedule else None
+        roots = run(plan, programs, self.bank, feats)                    # (B, C, H, W)
         return self.classifier(roots)                                    # (B, A)
 
 

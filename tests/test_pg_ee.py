@@ -134,7 +134,7 @@ def test_program_subset_is_seeded_random_not_the_first(info):
 # ----------------------------------------------------------------------------------------------------
 # Execution engine
 
-@pytest.mark.parametrize("batched", ["topo", "level"])
+@pytest.mark.parametrize("batched", ["topo", "agenda", "level"])
 def test_batched_and_naive_execution_give_the_same_answers(info, batch, batched):
     topo = model(info, stage="ee", exec=batched).double()
     naive = model(info, stage="ee", exec="naive").double()
