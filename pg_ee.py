@@ -7,8 +7,9 @@ Official code: facebookresearch/clevr-iep.
 
 This file holds the program generator (seq2seq LSTM, Sec. 3.1), the execution engine (stem, a module
 bank with one residual module per program token, classifier, Sec. 3.2; run by topo_exec.py, batched
-by (height, module), by the agenda schedule or by height, or per example as clevr-iep), REINFORCE with a
-moving-average baseline (Sec. 3.3), and `PGEE`, the model that the trainer runs in one of the paper's three stages (Sec. 4.1):
+by (height, module), by the agenda schedule or by height, or per example as clevr-iep), REINFORCE with
+a moving-average baseline (Sec. 3.3), and `PGEE`, the model that the trainer runs in one of the paper's
+three stages (Sec. 4.1):
 
     python train.py pg_ee --stage ee                                  # EE on ground-truth programs
     python train.py pg_ee --stage pg --num-programs 5000 --init EE    # PG on 5,000 programs (EE kept)
