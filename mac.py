@@ -144,7 +144,7 @@ class InputUnit(nn.Module):
             k = self.stem(image)                                         # (B, K, D)
         else:
             k = self.stem(image)                                         # (B, D, H', W')
-            k = k.flatten(2).transpose(1, 2).contiguous()                # (B, K, D), rows contiguous for index_select
+            k = k.flatten(2).transpose(1, 2).contiguous()                # (B, K, D), rows contiguous
         L = question.size(1)
         lens = question_len.clamp(min=1).cpu()
         packed = pack_padded_sequence(self.embed(question), lens, batch_first=True, enforce_sorted=False)

@@ -210,8 +210,9 @@ def agenda_levels(keys, kids):
     before its children). Each level runs one module on all its ready nodes (children done), chosen:
     a module whose every remaining node is ready (it will never need another call) first, then the
     one whose ready nodes are farthest from their root (the longest chain still to run), then the
-    one with most ready nodes. No schedule of one module per call can beat, for each module, the most
-    nodes of it on one root-to-leaf path (they must run one after the other): README, measured."""
+    one with most ready nodes. No schedule of one module per call can make fewer calls than the sum,
+    over modules, of the most nodes of it on one root-to-leaf path (those run one after another); the
+    README compares the two."""
     n = len(keys)
     parent, to_root = [-1] * n, [0] * n
     for k in range(n):
