@@ -45,7 +45,7 @@ class PGEEConfig:
     stage: Literal["pg", "ee", "joint"] = "ee"  # Sec. 4.1: pg / ee on ground-truth programs; joint: REINFORCE
     num_programs: int = 0  # Sec. 4.1: pg stage on a seeded random subset of N ground-truth programs (0: all)
     program_seed: int = 0  # which N programs: a seeded random subset, not the first N
-    exec: Literal["topo", "agenda", "level", "naive"] = "topo"  # EE executor: topo_exec.py's schedules, per example
+    exec: Literal["topo", "agenda", "level", "naive"] = "topo"  # EE executor (topo_exec.EXECUTORS)
     embed_dim: int = 300  # clevr-iep: word and program-token embeddings (wordvec_dim)
     hidden_dim: int = 256  # clevr-iep: LSTM hidden size (rnn_hidden_dim)
     rnn_layers: int = 2  # clevr-iep: 2-layer encoder and decoder LSTMs

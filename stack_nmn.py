@@ -17,7 +17,8 @@ and `StackNMN` with the step protocol of DESIGN.md (so `python train.py stack_nm
 
 Shapes:
     B  batch      S  question tokens     K = H*W knowledge cells (14*14 on CLEVR, 6*6 built-in)
-    D  BiLSTM size (cfg.dim)   E  size of c_t (word embedding; D with control_over words)   Dk  knowledge base   Dm  memory
+    D  BiLSTM size (cfg.dim)   E  size of c_t (the word embedding's; D with control_over words)
+    Dk  knowledge base   Dm  memory
     T  controller steps   L  stack slots   M  modules (9)   A  answers
 """
 import argparse
@@ -313,7 +314,8 @@ class StackNMN(nn.Module):
 
     def step(self, ctx, state, t):
         """Every module runs; stack, pointer and memory are averaged with w(t); the pointer is sharpened."""
-        c, logits, cv = self.controller(ctx["question"], state["control"], ctx["words"], ctx[self.cfg.control_over],
+        averaged = ctx[self.cfg.control_over]                            # (B, S, E) what c_t averages
+        c, logits, cv = self.controller(ctx["question"], state["control"], ctx["words"], averaged,
                                         ctx["word_mask"], t)
         w = logits.softmax(-1)                                           # (B, M) w(t)
         As, ps, ms = self.modules_(ctx["kb"], state["stack"], state["ptr"], state["memory"], c)

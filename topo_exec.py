@@ -478,7 +478,7 @@ def run_level(plan, bank, feats, regather=True):
 @dataclass
 class BenchConfig:
     batch_sizes: tuple = ()  # default: 1 8 64 256 512 1024 on CUDA, 1 8 64 on CPU (its convs are slow)
-    executors: tuple = ("naive", "topo", "postorder", "agenda", "level")  # naive, the schedules (top of file), level
+    executors: tuple = ("naive", "topo", "postorder", "agenda", "level")  # naive and the schedules at the top
     channels: int = 128  # REFERENCE.md PG+EE: the execution engine's modules are 128 wide
     size: int = 14  # REFERENCE.md: ResNet-101 conv4 features are 14 x 14
     repeats: int = 5  # timed runs per figure (the best is reported), after one warm-up run
