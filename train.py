@@ -566,6 +566,10 @@ def run(argv, model_name, wrapper_name, model_mod, wrapper_mod, explicit):
                  f"run with --init {ckpt_path}, which loads the weights that fit and lists the rest")
         if ckpt.get("scaler"):
             scaler.load_state_dict(ckpt["scaler"])
+        if "lr" in explicit["train"]:  # the optimizer's state holds the checkpoint's (maybe decayed) rate
+            log(f"--lr {cfg.lr:g} replaces the checkpoint's {optimizer.param_groups[0]['lr']:g}")
+            for g in optimizer.param_groups:
+                g["lr"] = cfg.lr
         epoch, it, pos, best, rng = ckpt["epoch"], ckpt["iter"], ckpt["pos"], ckpt["best_acc"], ckpt["rng"]
         if world > 1 and len(ckpt.get("rng_ranks") or []) == world:
             rng = ckpt["rng_ranks"][rank]  # each process continues its own dropout stream

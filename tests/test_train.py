@@ -176,6 +176,14 @@ def test_resume_continues_exactly(tiny_data, tmp_path):
     assert len(json.loads((tmp_path / "cut" / "run.json").read_text())["resumed"]) == 1
 
 
+def test_lr_flag_on_resume_reaches_the_optimizer(tiny_data, tmp_path):
+    # the optimizer state in last.pt carries its own rate: a --lr given on --resume must replace it
+    train_mac(tiny_data, tmp_path, "--epochs", "1", "--lr", "1e-3", "--lr-patience", "9")  # no plateau cut
+    train.main(["mac", "--out", str(tmp_path), "--resume", "--epochs", "2", "--lr", "2e-4"])
+    assert [r["lr"] for r in records(tmp_path) if r["split"] == "train"] == [1e-3, 2e-4]
+    assert all(g["lr"] == 2e-4 for g in load(tmp_path / "last.pt")["optimizer"]["param_groups"])
+
+
 def test_cosine_schedule_decays_to_zero_and_resumes_exactly(tiny_data, tmp_path):
     n = len(data.make_loader(tiny_data, "train", 16, shuffle=True))
     flags = ["--epochs", "2", "--schedule", "cosine", "--lr", "1e-3"]
