@@ -38,6 +38,7 @@ import data
 import topo_exec
 
 NULL, START, END, UNK = data.NULL, data.START, data.END, data.UNK
+SUBSET_STREAM = 0x9E3779B9  # any constant that no epoch number reaches: tags the program subset's draw
 
 
 @dataclass
@@ -194,7 +195,9 @@ class PGEE(nn.Module):
             return None
         if self.cfg.num_programs > n:
             raise data.DataError(f"--num-programs {self.cfg.num_programs}, but the training split has {n} questions")
-        rows = np.random.default_rng(self.cfg.program_seed).permutation(n)[:self.cfg.num_programs]
+        # a stream of its own: NumPy seeds default_rng(s) as default_rng([s, 0]), the trainer's first-epoch
+        # order (data.Loader), which would then begin with these very questions (the joint stage too)
+        rows = np.random.default_rng([self.cfg.program_seed, SUBSET_STREAM]).permutation(n)[:self.cfg.num_programs]
         return np.sort(rows)
 
     def execute(self, image, tokens):

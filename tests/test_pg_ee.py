@@ -131,6 +131,20 @@ def test_program_subset_is_seeded_random_not_the_first(info):
         model(info, stage="pg", num_programs=2000).train_subset(1000)
 
 
+def test_program_subset_is_not_the_head_of_the_trainers_first_epoch(info):
+    # NumPy seeds default_rng(s) as default_rng([s, 0]), data.Loader's epoch-0 order: a subset drawn from
+    # the same seed would be the first questions the next stage trains on (the PG's own, in the joint stage)
+    class Rows:
+        def __len__(self):
+            return 1000
+
+        def batch(self, idx):
+            return idx
+    first = np.concatenate(list(data.Loader(Rows(), 50, shuffle=True, seed=0)))[:50]
+    subset = model(info, stage="pg", num_programs=50).train_subset(1000)
+    assert len(np.intersect1d(first, subset)) < 10  # 2.5 expected by chance; 50 before the fix
+
+
 # ----------------------------------------------------------------------------------------------------
 # Execution engine
 
