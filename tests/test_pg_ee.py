@@ -77,6 +77,27 @@ def test_joint_step_trains_the_pg_by_reinforce_and_the_ee_by_its_answers(info, b
     assert all(torch.isfinite(g).all() for g in ee_grads) and any(g.abs().sum() > 0 for g in ee_grads)
 
 
+def test_reinforce_through_the_decoder_raises_the_expected_reward(info, batch):
+    # the policy-gradient invariant, end to end through sampling: reward 1 when a program starts with a
+    # chosen token; a few REINFORCE steps make that token the likely one
+    m = model(info, stage="joint")
+    question, lens = batch["question"][:1].expand(64, -1), batch["question_len"][:1].expand(64)
+    target = info["program_tokens"].index("count")
+
+    def p_target():
+        with torch.no_grad():
+            start = torch.full((1, 1), START)
+            return m.pg.step_logits(m.pg.encode(question[:1], lens[:1]), start)[0][0, 0].softmax(-1)[target].item()
+    before = p_target()
+    opt = torch.optim.Adam(m.pg.parameters(), 3e-2)
+    for _ in range(40):
+        tokens, logits = m.pg.decode(m.pg.encode(question, lens), 3, sample=True)
+        reward = (tokens[:, 0] == target).float()
+        loss = pg_ee.reinforce_loss(logits, tokens, reward - reward.mean())
+        opt.zero_grad(), loss.backward(), opt.step()
+    assert before < 0.05 and p_target() > 0.9, (before, p_target())
+
+
 def test_decoder_never_emits_special_tokens_but_end(info, batch):
     m = model(info, stage="joint")
     enc = m.pg.encode(batch["question"], batch["question_len"])
