@@ -13,7 +13,7 @@ three stages (Sec. 4.1):
 
     python train.py pg_ee --stage ee                                  # EE on ground-truth programs
     python train.py pg_ee --stage pg --num-programs 5000 --init EE    # PG on 5,000 programs (EE kept)
-    python train.py pg_ee --stage joint --init PG                     # EE on sampled programs, PG by REINFORCE
+    python train.py pg_ee --stage joint --init PG --lr 1e-5           # EE on sampled programs, PG by REINFORCE
 
 Validation answers with ground-truth programs in the ee stage, with the PG's greedy programs in
 the pg and joint stages, and reports the PG's exact-match program accuracy (`program_acc`) there.
@@ -61,6 +61,7 @@ class PGEEConfig:
 # 90 ms (module_dim 32), so an epoch of the 100K built-in questions about 140 s. Not from the paper; the 95% target
 # is not reached yet (README). Keys that are not PGEEConfig fields set the trainer; lr 5e-4 and batch
 # 64 are the IEP paper's (Sec. 4.1) but print as "(paper 0.0001)": the trainer's defaults are MAC's.
+# The joint stage needs --lr 1e-5 here: at 5e-4 Adam's steps wreck the PG within a few hundred iterations (README).
 PRESETS = {
     "laptop": dict(embed_dim=64, hidden_dim=128, module_dim=32, classifier_proj_dim=64, classifier_fc_dim=256,
                    lr=5e-4, batch_size=64, epochs=7, lr_patience=2, threads=1),
