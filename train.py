@@ -702,6 +702,7 @@ def run(argv, model_name, wrapper_name, model_mod, wrapper_mod, explicit):
 
         # evaluate the EMA weights; the scheduler steps on whole epochs only; checkpoint
         rng = rng_state()  # taken before evaluation: a resumed run continues from here
+        lr = optimizer.param_groups[0]["lr"]  # the rate this epoch trained at (its last iteration's), logged below
         val = evaluate(ema, val_loader, device, autocast)
         if pos >= n_batches:
             if cfg.schedule == "plateau":
@@ -709,7 +710,7 @@ def run(argv, model_name, wrapper_name, model_mod, wrapper_mod, explicit):
             epoch, pos = epoch + 1, 0
         epoch_f = round(epoch + pos / n_batches, 4) if pos else epoch  # fractional after an --iters stop
         write({"split": "train", "epoch": epoch_f, "iter": it, **epoch_tally.reduce(device).summary(),
-               "lr": optimizer.param_groups[0]["lr"], "questions_per_s": train_questions / max(train_time, 1e-9)})
+               "lr": lr, "questions_per_s": train_questions / max(train_time, 1e-9)})
         write({"split": "val", "epoch": epoch_f, "iter": it, **val})
         log(f"val after epoch {epoch_f} (iter {it}): {show(val)}")
         last_val, is_best, best = val["acc"], val["acc"] > best, max(best, val["acc"])

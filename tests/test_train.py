@@ -184,6 +184,13 @@ def test_lr_flag_on_resume_reaches_the_optimizer(tiny_data, tmp_path):
     assert all(g["lr"] == 2e-4 for g in load(tmp_path / "last.pt")["optimizer"]["param_groups"])
 
 
+def test_epoch_record_keeps_the_rate_it_trained_at(tiny_data, tmp_path):
+    # at lr 1e-7 val cannot move, so the plateau scheduler cuts after epoch 2; the cut is epoch 3's
+    train_mac(tiny_data, tmp_path, "--epochs", "2", "--lr", "1e-7", "--lr-patience", "0")
+    assert [r["lr"] for r in records(tmp_path) if r["split"] == "train"] == [1e-7, 1e-7]
+    assert load(tmp_path / "last.pt")["optimizer"]["param_groups"][0]["lr"] == pytest.approx(5e-8)
+
+
 def test_cosine_schedule_decays_to_zero_and_resumes_exactly(tiny_data, tmp_path):
     n = len(data.make_loader(tiny_data, "train", 16, shuffle=True))
     flags = ["--epochs", "2", "--schedule", "cosine", "--lr", "1e-3"]
