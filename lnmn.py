@@ -60,6 +60,7 @@ class LNMNConfig:
     held_out_seed: int = 0  # which training questions are held out
     push_fix: bool = True  # NOTE (deviation): 3-input attention cells push (the official code never pushes)
     norm_fix: bool = True  # NOTE (deviation): 4-input cells merge their maps without the L2 norm (official: sign)
+    node_norm: bool = True  # official code: L2-normalise every node over channels (Sec. 3.1's O has no norm)
 
 
 # A CPU run on the built-in mini-CLEVR (not from the paper; README). arch_lr: Adam moves each alpha by
@@ -107,7 +108,8 @@ class Cell(nn.Module):
 
     def __init__(self, kind, inputs, cfg):
         super().__init__()
-        self.kind, self.inputs, self.norm_fix = kind, inputs, cfg.norm_fix
+        self.kind, self.inputs, self.norm = kind, inputs, cfg.node_norm
+        self.merge_norm = cfg.node_norm and not cfg.norm_fix
         # NOTE (deviation): alphas start near uniform, N(0, 1e-3), as DARTS (the official code: N(0, 1))
         self.alpha = nn.Parameter(1e-3 * torch.randn(inputs - 1, len(OPS)))
         d = cfg.map_dim
@@ -119,10 +121,10 @@ class Cell(nn.Module):
         w = op_weights(self.alpha, mask, hard)                           # (k, N)
         maps = [a[..., None] for a in maps]                              # (B, K, 1): broadcast over channels
         if self.inputs == 3:
-            x = node(w[0], I, maps[0])                                   # (B, K, d)
+            x = node(w[0], I, maps[0], self.norm)                        # (B, K, d)
         else:  # the two maps merged: (B, K, 1); the official code's L2 norm makes it sign(x) (norm_fix)
-            x = node(w[1], node(w[0], maps[0], maps[1], normalize=not self.norm_fix), I)
-        x = node(w[-1], x, c[:, None])                                   # (B, K, d) the last node
+            x = node(w[1], node(w[0], maps[0], maps[1], self.merge_norm), I, self.norm)
+        x = node(w[-1], x, c[:, None], self.norm)                        # (B, K, d) the last node
         if self.kind == "ans":
             return self.out(torch.cat([x.sum(1), c, m], -1))             # (B, Dm) W2[sum x; W1 c; f_mem]
         return self.out(x).squeeze(-1)                                   # (B, K) conv2

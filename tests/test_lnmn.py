@@ -103,6 +103,23 @@ def test_public_code_bugs_as_flags():
                 assert same != fix
 
 
+def test_node_norm_flag_decides_whether_the_attention_magnitude_reaches_an_answer_cell():
+    """Official code: every node is L2-normalised over channels, so W2[sum(conv1(I) * a * W1 c), ...]
+    sees only the sign of a at each position. Sec. 3.1's O (node_norm=False) keeps a's magnitude:
+    the cell computes W2[sum_k conv1(I)_k a_k W1 c, W1 c, f_mem] exactly."""
+    I, c, m = torch.randn(6, 36, 8), torch.randn(6, 8), torch.randn(6, 8)
+    a = torch.randn(6, 36)
+    scale = torch.rand(6, 36) + 0.5                            # new magnitudes, the same signs
+    for norm in (True, False):
+        cell = next(x for x in model(node_norm=norm).modules_.cells if (x.kind, x.inputs) == ("ans", 3))
+        cell.alpha.data = one_hot_alpha("product", "product")
+        run = lambda a: cell(I, [a], c, m, hard=True)
+        assert torch.allclose(run(a), run(a * scale), atol=1e-5) == norm
+        if not norm:
+            want = cell.out(torch.cat([(I * a[..., None] * c[:, None]).sum(1), c, m], -1))
+            assert torch.allclose(run(a), want, atol=1e-5)
+
+
 def test_official_stack_use_memory_and_controller():
     """Answer cells pop the maps they read and leave the stack's contents; only answer cells write the
     memory (f_mem = sum over answer modules, Sec. 2.3); c_t averages the BiLSTM states (size dim); the
