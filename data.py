@@ -1692,7 +1692,8 @@ def main(argv=None):
             generate(args.out, tiny=args.tiny, seed=args.seed, **sizes)
             size = args.image_size or BUILTIN["tiny" if args.tiny else "default"]["image_size"]
             prepare(args.out, Path(args.out) / "prepared", images="scene-cnn", size=size)
-            print(f"train with: python train.py mac --data {args.out}")
+            # --data alone picks the paper preset (train.py); this data is the built-in kind, so say laptop
+            print(f"train with: python train.py mac --data {args.out} --preset laptop")
         elif args.cmd == "features":
             device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
             extract_clevr_features(args.clevr_dir, args.out, splits=args.splits, clevr_iep_std=args.clevr_iep_std,

@@ -291,8 +291,9 @@ def test_reading_pngs_without_pillow_says_how_to_install(tmp_path, monkeypatch):
         next(data._read_pngs([tmp_path / "x.png"], print))
 
 
-def test_cli_generate_tiny(tmp_path):
+def test_cli_generate_tiny(tmp_path, capsys):
     data.main(["generate", "--tiny", "--out", str(tmp_path / "g")])
+    assert f"--data {tmp_path / 'g'} --preset laptop" in capsys.readouterr().out  # --data alone: paper sizes
     info = data.load_info(tmp_path / "g")  # the generated folder resolves to its prepared/ inside
     assert info["image_kind"] == "features" and info["image_shape"] == (1 + 15 + 2, 4, 4)  # scene-CNN predictions
     with h5py.File(tmp_path / "g" / "prepared" / "train_features.h5") as f:
