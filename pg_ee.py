@@ -58,8 +58,9 @@ class PGEEConfig:
 
 
 # Smaller sizes for one CPU thread on the built-in mini-CLEVR: an EE step on a batch of 64 takes about
-# 90 ms (module_dim 32), so an epoch of the 100K built-in questions about 140 s. Not from the paper; the 95% target
-# is not reached yet (README). Keys that are not PGEEConfig fields set the trainer; lr 5e-4 and batch
+# 90 ms (module_dim 32), so an epoch of the 100K built-in questions about 140 s. Not from the paper. The EE
+# gets 90.9% val on the default 5,000 training images and 95.9% on 20,000 (`data.py generate
+# --train-images 20000`; README). Keys that are not PGEEConfig fields set the trainer; lr 5e-4 and batch
 # 64 are the IEP paper's (Sec. 4.1) but print as "(paper 0.0001)": the trainer's defaults are MAC's.
 # The joint stage needs --lr 1e-5 here: at 5e-4 Adam's steps wreck the PG within a few hundred iterations (README).
 PRESETS = {
