@@ -60,7 +60,7 @@ class LNMNConfig:
     held_out_seed: int = 0  # which training questions are held out
     push_fix: bool = True  # NOTE (deviation): 3-input attention cells push (the official code never pushes)
     norm_fix: bool = True  # NOTE (deviation): 4-input cells merge their maps without the L2 norm (official: sign)
-    node_norm: bool = True  # official code: L2-normalise every node over channels (Sec. 3.1's O has no norm)
+    node_norm: bool = True  # NOTE (deviation from Sec. 3.1's O, which has no norm): official code, L2 over channels
 
 
 # A CPU run on the built-in mini-CLEVR (not from the paper; README). arch_lr: Adam moves each alpha by
