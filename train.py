@@ -16,7 +16,7 @@ Optional too: "loss" (a scalar that replaces the answer NLL, e.g. a program gene
 method `train_subset(n) -> row indices or None`: the training questions to learn from, of the n.
 Two more optional hooks: a model attribute `progress` is set to (iteration / iterations of --epochs)
 before every training forward (schedules inside the loss, e.g. LNMN's entropy weight); and a method
-`arch_optimizer() -> torch optimizer` (DARTS-style bilevel training, LNMN): its parameters are left out
+`arch_optimizer() -> torch optimizer or None` (DARTS-style bilevel training, LNMN): its parameters are left out
 of the trainer's optimizer and stepped by it after every weight update, on NLL + out["arch_loss"] of a
 batch of the training rows that `train_subset` left out (drawn by (seed, iteration): exact on resume).
 A wrapper module (act.py, dact.py) exposes `Config` and `Model(inner_model, cfg)`. Every Config field

@@ -211,3 +211,26 @@ def test_trainer_steps_alphas_on_held_out_rows_and_analyze(tiny_data, tmp_path, 
         assert (tmp_path / "an" / "alphas.png").exists()
     else:
         assert "pip install matplotlib" in text and not (tmp_path / "an" / "alphas.png").exists()
+
+
+@pytest.mark.parametrize("modules", [9, 11, 14])
+def test_stack_cells_are_stack_nmn_modules_and_stay_fixed(modules, tiny_data, tmp_path):
+    m = model(modules=modules, cells="stack")
+    exprs = [c.expression() for c in m.modules_.cells]
+    assert exprs[:2] == ["conv2(conv1(I) * W1 c)", "conv2(conv1(I) * a * W1 c)"]  # Find, Filter
+    assert "conv2(min(a1, a2))" in exprs and "conv2(max(a1, a2))" in exprs       # And, Or
+    assert "W2[sum(conv1(I) * a * W1 c), W1 c, f_mem]" in exprs                  # Answer
+    for cell in m.modules_.cells:                              # softmax(alpha) is one-hot, and frozen
+        w = lnmn.op_weights(cell.alpha)
+        assert torch.allclose(w, lnmn.op_weights(cell.alpha, hard=True), atol=1e-7) and not cell.alpha.requires_grad
+    assert m.arch_optimizer() is None
+    if modules != 9:
+        return
+    out = tmp_path / "run"
+    train.main(["lnmn", "--data", str(tiny_data), "--out", str(out), "--iters", "3", "--cells", "stack", *TINY_FLAGS])
+    ckpt = torch.load(out / "last.pt", map_location="cpu", weights_only=True)
+    assert ckpt["arch_optimizer"] is None
+    for i, cell in enumerate(m.modules_.cells):                # the trainer did not move them
+        assert torch.equal(ckpt["model"][f"modules_.cells.{i}.alpha"], cell.alpha)
+    n_weights = len([p for p in m.parameters() if p.requires_grad])
+    assert len(ckpt["optimizer"]["state"]) == n_weights
