@@ -341,7 +341,7 @@ def cmd_bench(args):
         for r in rows:
             r["speedup_vs_mac"] = r["questions_per_s"] / rows[0]["questions_per_s"]
         result["devices"][dev] = rows
-        print(f"{dev}:\n  {'':55s} {'q/s':>9s} {'x MAC':>6s} {'acc':>7s} {'steps':>6s}")
+        print(f"{dev}:\n  {'':55s} {'q/s':>9s} {'x base':>6s} {'acc':>7s} {'steps':>6s}")
         for r in rows:
             print(f"  {r['name']:55s} {r['questions_per_s']:9.0f} {r['speedup_vs_mac']:6.2f} "
                   f"{100 * r['acc']:6.2f}% {r['avg_steps']:6.2f}")
