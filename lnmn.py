@@ -280,6 +280,8 @@ def accuracy(model, loader, max_batches=0):
 
 
 def analyze(args):
+    if getattr(args, "threads", 0):
+        torch.set_num_threads(args.threads)
     model, info, d = stack_nmn.load_run(args.ckpt, args.data, model_module=__import__(__name__))
     bank = model.modules_
     out = Path(args.out)
@@ -351,5 +353,6 @@ if __name__ == "__main__":
     a.add_argument("--data", default=None, help="prepared data (default: the checkpoint's)")
     a.add_argument("--max-batches", type=int, default=0, help="evaluate on the first N val batches (0: all)")
     a.add_argument("--out", default="lnmn_analysis", help="folder for analysis.json and alphas.png")
+    a.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
     args = ap.parse_args()
     analyze(args) if args.cmd == "analyze" else smoke()
