@@ -9,6 +9,7 @@ module inventories of Table 3, `LNMN` (Stack-NMN's input unit, controller, stack
 stack_nmn.py, with these cells as its modules; Sec. 3.2), the losses of Algorithm 2, and the analysis:
 
     python train.py lnmn [--modules 9|11|14]     # weights on training batches, alphas on a held-out slice
+    python train.py lnmn --cells stack           # not in the paper: Stack-NMN's modules as fixed cells
     python lnmn.py analyze RUN/best.pt [--max-batches N] [--out DIR]
         # Fig. 3 (alpha heat map), Table 6 (expressions), Table 7 (operator ablation), Table 2 (hard-max)
     python lnmn.py                               # smoke run
@@ -16,6 +17,7 @@ stack_nmn.py, with these cells as its modules; Sec. 3.2), the losses of Algorith
 Shapes: as stack_nmn.py, and d = cfg.map_dim (node channels), N = 6 operators, k = nodes of a cell.
 """
 import argparse
+import collections
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -192,13 +194,13 @@ class CellModules(nn.Module):
         self.cells = nn.ModuleList(Cell(k, n, cfg) for (k, n), c in zip(kinds, counts) for _ in range(c))
         self.names = ["NoOp"] + [f"{'Attn' if c.kind == 'attn' else 'Ans'}{c.inputs}_{i}" for i, c in enumerate(self.cells)]
         if cfg.cells == "stack":  # softmax(20 one-hot) = one-hot to 1e-8; frozen: no alpha steps (LNMN.arch_optimizer)
-            seen = {}
+            turn = collections.Counter()                                 # cells of one kind take STACK_CELLS in turn
             for cell in self.cells:
-                kind, j = (cell.kind, cell.inputs), seen.setdefault((cell.kind, cell.inputs), 0)
-                ops = torch.tensor([OPS.index(o) for o in STACK_CELLS[kind][j % len(STACK_CELLS[kind])]])
-                cell.alpha.data = 20 * F.one_hot(ops, len(OPS)).float()
+                kind = (cell.kind, cell.inputs)
+                ops = STACK_CELLS[kind][turn[kind] % len(STACK_CELLS[kind])]
+                turn[kind] += 1
+                cell.alpha.data = 20 * F.one_hot(torch.tensor([OPS.index(o) for o in ops]), len(OPS)).float()
                 cell.alpha.requires_grad_(False)
-                seen[kind] = j + 1
         self.op_mask, self.hard = None, False                            # set by the analysis (Tables 7, 2)
 
     def forward(self, kb, A, p, m, c):
