@@ -200,19 +200,11 @@ def load_run(path, data_dir=None):
     """-> (model in eval mode with the EMA weights, checkpoint, data dir) for a train.py checkpoint of
     any model and wrapper. Modules are imported by the checkpoint's names (train.py's registry maps each
     name to the module of the same name), so this file imports no model itself."""
-    if not Path(path).is_file():
-        raise SystemExit(f"error: no checkpoint at {path}")
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(ckpt, dict) or "ema" not in ckpt or "model_name" not in ckpt:
-        raise SystemExit(f"error: {path} is not a checkpoint written by train.py")
-    if data_dir is None:                                                 # where it was trained, if still there
-        saved = ckpt.get("data_dir")
-        data_dir = saved if saved and Path(saved).exists() else data.ensure_builtin()
-    data_dir = data.resolve(data_dir)
-    info = data.load_info(data_dir)
-    if info["vocab_hash"] != ckpt["vocab_hash"]:
-        raise SystemExit(f"error: {path} was trained with vocabulary {ckpt['vocab_hash']}, {data_dir} has "
-                         f"{info['vocab_hash']}: pass the --data it was trained on")
+    try:
+        ckpt = data.read_checkpoint(path)
+        data_dir, info = data.checkpoint_data(ckpt, data_dir)
+    except data.DataError as err:
+        raise SystemExit(f"error: {err}")
     mod = importlib.import_module(ckpt["model_name"])
     model = mod.Model(restore(mod.Config, ckpt["config"]["model"]), info)
     if ckpt["wrapper_name"]:

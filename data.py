@@ -1280,6 +1280,77 @@ def ensure_builtin(tiny=False, log=print):
 
 
 # ------------------------------------------------------------------------------------------------
+# Checkpoints: train.py writes them; it and the analysis tools (dact.py bench, stack_nmn.py figure,
+# lnmn.py analyze) read them here, the one module they may all import
+# ------------------------------------------------------------------------------------------------
+
+CKPT_KEYS = {"model_name", "wrapper_name", "prefix", "config", "model", "ema", "optimizer", "scheduler", "epoch",
+             "iter", "pos", "best_acc", "rng", "vocab_hash"}
+
+
+def tensor_digest(obj):
+    """sha1 of every tensor in a checkpoint, in order. torch.load does not notice damaged tensor bytes (they
+    are >99% of the file), so the digest is stored in the checkpoint and checked when it is read."""
+    h = hashlib.sha1()
+
+    def visit(x):
+        if isinstance(x, torch.Tensor):
+            h.update(x.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+        elif isinstance(x, dict):
+            for v in x.values():
+                visit(v)
+        elif isinstance(x, (list, tuple)):
+            for v in x:
+                visit(v)
+    visit(obj)
+    return h.hexdigest()
+
+
+def read_checkpoint(path, models=(), hint=""):
+    """The checkpoint train.py wrote at `path` (a run directory stands for its best.pt), or a DataError
+    that says what is wrong: no such file, a damaged file, not train.py's, or a model not in `models`.
+    `hint` is added to the messages about a damaged file."""
+    path = Path(path)
+    if path.is_dir():
+        if not (path / "best.pt").is_file():
+            raise DataError(f"{path} is a directory without a best.pt: pass a checkpoint file (RUN/best.pt or RUN/last.pt)")
+        path = path / "best.pt"
+    if not path.is_file():
+        raise DataError(f"no checkpoint at {path}: pass a run directory of train.py or its best.pt / last.pt")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # a truncated file, not a torch file, ...
+        raise DataError(f"cannot read checkpoint {path} ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
+                        f"the file is damaged or not a checkpoint{hint}") from None
+    if isinstance(ckpt, dict) and "digest" in ckpt and ckpt.pop("digest") != tensor_digest(ckpt):
+        raise DataError(f"checkpoint {path} is damaged: its tensors do not match the checksum written with them "
+                        f"(a disk or copy error){hint}")
+    if not isinstance(ckpt, dict) or not CKPT_KEYS <= set(ckpt):
+        raise DataError(f"{path} is not a checkpoint written by train.py (it lacks "
+                        f"{sorted(CKPT_KEYS - set(ckpt)) if isinstance(ckpt, dict) else 'everything'}){hint}")
+    if models and ckpt["model_name"] not in models:
+        want = " or ".join(f"'{m}'" for m in models)
+        raise DataError(f"checkpoint {path} holds a '{ckpt['model_name']}' model, not {want}: pick a checkpoint of "
+                        f"{want} (this one runs with `python train.py {ckpt['model_name']} ...`)")
+    return ckpt
+
+
+def checkpoint_data(ckpt, data_dir=None):
+    """(prepared data directory, load_info) to run a checkpoint on: `data_dir`, else the one it was trained
+    on if it is still there, else the built-in data; a DataError if its vocabulary is not the checkpoint's."""
+    if data_dir is None:
+        saved = ckpt.get("data_dir")
+        data_dir = saved if saved and Path(saved).exists() else ensure_builtin()
+    data_dir = resolve(data_dir)
+    info = load_info(data_dir)
+    if info["vocab_hash"] != ckpt["vocab_hash"]:
+        raise DataError(f"the checkpoint was trained on data with vocabulary {ckpt['vocab_hash']} "
+                        f"({ckpt.get('data_dir', '?')}), but {data_dir} has vocabulary {info['vocab_hash']}: "
+                        "word and answer indices would not match. Pass the --data it was trained on")
+    return data_dir, info
+
+
+# ------------------------------------------------------------------------------------------------
 # Real datasets at full fidelity: ResNet-101 features of CLEVR's PNGs, CLEVR-Humans, GQA
 # ------------------------------------------------------------------------------------------------
 

@@ -284,7 +284,7 @@ def accuracy(model, loader, max_batches=0):
 def analyze(args):
     if getattr(args, "threads", 0):
         torch.set_num_threads(args.threads)
-    model, info, d = stack_nmn.load_run(args.ckpt, args.data, model_module=__import__(__name__))
+    model, info, d = stack_nmn.load_run(args.ckpt, args.data, models=("lnmn",))
     bank = model.modules_
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

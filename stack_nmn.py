@@ -382,14 +382,19 @@ Config, Model = StackNMNConfig, StackNMN  # names the trainer's registry looks f
 
 # ----------------------------------------------------------------------------- loading a run, the figure
 
-def load_run(path, data_dir=None, model_module=None):
-    """(model with the checkpoint's EMA weights in eval mode, info, data dir) from a train.py checkpoint."""
+def load_run(path, data_dir=None, models=("stack_nmn", "lnmn")):
+    """(model with the checkpoint's EMA weights in eval mode, info, data dir) from a train.py checkpoint
+    (or run directory) of one of `models`; a wrapper's (DACT's) checkpoint gives the model inside it."""
     import importlib
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    mod = model_module or importlib.import_module(ckpt["model_name"])
-    cfg = mod.Config(**{k: tuple(v) if isinstance(v, list) else v for k, v in ckpt["config"]["model"].items()})
-    d = data_dir or ckpt.get("data_dir") or data.ensure_builtin()
-    info = data.load_info(d)
+    try:
+        ckpt = data.read_checkpoint(path, models)
+        d, info = data.checkpoint_data(ckpt, data_dir)
+    except data.DataError as err:
+        raise SystemExit(f"error: {err}")
+    mod = importlib.import_module(ckpt["model_name"])
+    fields = mod.Config.__dataclass_fields__                             # a newer field keeps its default
+    cfg = mod.Config(**{k: tuple(v) if isinstance(v, list) else v for k, v in ckpt["config"]["model"].items()
+                        if k in fields})
     model = mod.Model(cfg, info)
     prefix = ckpt.get("prefix", "")
     model.load_state_dict({k[len(prefix):]: v for k, v in ckpt["ema"].items() if k.startswith(prefix)})

@@ -32,7 +32,6 @@ import argparse
 import copy
 import dataclasses
 import datetime
-import hashlib
 import importlib
 import importlib.util
 import inspect
@@ -265,24 +264,6 @@ def set_rng_state(st):
     random.setstate((st["python"][0], tuple(st["python"][1]), st["python"][2]))
 
 
-def tensor_digest(obj):
-    """sha1 of every tensor in a checkpoint, in order. torch.load does not notice damaged tensor bytes (they
-    are >99% of the file), so the digest is stored in the checkpoint and checked when it is read."""
-    h = hashlib.sha1()
-
-    def visit(x):
-        if isinstance(x, torch.Tensor):
-            h.update(x.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
-        elif isinstance(x, dict):
-            for v in x.values():
-                visit(v)
-        elif isinstance(x, (list, tuple)):
-            for v in x:
-                visit(v)
-    visit(obj)
-    return h.hexdigest()
-
-
 def save_checkpoint(path, ckpt, keep=None):
     """Atomic: write a temp file in the same folder, flush it to disk, then rename it over `path`.
     `keep` (e.g. "prev.pt"): the file that `path` held is kept under this name (a hard link: no copy),
@@ -292,7 +273,7 @@ def save_checkpoint(path, ckpt, keep=None):
     prev_tmp = keep and path.with_name(keep + ".tmp")
     try:
         with open(tmp, "wb") as f:
-            torch.save({**ckpt, "digest": tensor_digest(ckpt)}, f)
+            torch.save({**ckpt, "digest": data.tensor_digest(ckpt)}, f)
             f.flush()
             os.fsync(f.fileno())
         if keep and path.exists():
@@ -312,29 +293,13 @@ def save_checkpoint(path, ckpt, keep=None):
              "another --out), then continue with --resume")
 
 
-CKPT_KEYS = {"model_name", "wrapper_name", "prefix", "config", "model", "ema", "optimizer", "scheduler", "epoch",
-             "iter", "pos", "best_acc", "rng", "vocab_hash"}
-
-
 def read_checkpoint(path, model_name, hint=""):
-    """The checkpoint at `path`, or a clear error if it is missing, damaged, or of another model."""
-    if not Path(path).is_file():
-        fail(f"no checkpoint at {path}")
+    """The checkpoint at `path` (data.read_checkpoint), or a clear error if it is missing, damaged, or of
+    another model."""
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # a truncated file, not a torch file, ...
-        fail(f"cannot read checkpoint {path} ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
-             f"the file is damaged or not a checkpoint{hint}")
-    if isinstance(ckpt, dict) and "digest" in ckpt and ckpt.pop("digest") != tensor_digest(ckpt):
-        fail(f"checkpoint {path} is damaged: its tensors do not match the checksum written with them (a disk "
-             f"or copy error){hint}")
-    if not isinstance(ckpt, dict) or not CKPT_KEYS <= set(ckpt):
-        fail(f"{path} is not a checkpoint written by train.py (it lacks "
-             f"{sorted(CKPT_KEYS - set(ckpt)) if isinstance(ckpt, dict) else 'everything'}){hint}")
-    if ckpt["model_name"] != model_name:
-        fail(f"checkpoint {path} holds a '{ckpt['model_name']}' model, not '{model_name}': "
-             f"run `python train.py {ckpt['model_name']} ...`, or pick a {model_name} checkpoint")
-    return ckpt
+        return data.read_checkpoint(path, (model_name,), hint)
+    except data.DataError as e:
+        fail(str(e))
 
 
 def load_weights(model, state, src_prefix, dst_prefix, log):

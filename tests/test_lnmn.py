@@ -211,6 +211,14 @@ def test_trainer_steps_alphas_on_held_out_rows_and_analyze(tiny_data, tmp_path, 
         assert (tmp_path / "an" / "alphas.png").exists()
     else:
         assert "pip install matplotlib" in text and not (tmp_path / "an" / "alphas.png").exists()
+    # a checkpoint of another model or vocabulary, or none: an error that says so, not a traceback
+    for change, message in ((dict(model_name="stack_nmn"), "holds a 'stack_nmn' model, not 'lnmn'"),
+                            (dict(vocab_hash="0"), "vocabulary 0 .* Pass the --data it was trained on")):
+        torch.save({**ckpt, **change}, tmp_path / "bad.pt")
+        with pytest.raises(SystemExit, match=message):
+            lnmn.analyze(lnmn.argparse.Namespace(**{**vars(args), "ckpt": str(tmp_path / "bad.pt")}))
+    with pytest.raises(SystemExit, match="no checkpoint at"):
+        lnmn.analyze(lnmn.argparse.Namespace(**{**vars(args), "ckpt": str(tmp_path / "absent.pt")}))
 
 
 @pytest.mark.parametrize("modules", [9, 11, 14])

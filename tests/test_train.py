@@ -152,7 +152,7 @@ def test_smoke_run_through_the_command_line(tiny_data, tmp_path):
     assert 0 <= val[-1]["acc"] <= 1
 
     ckpt = load(out / "last.pt")
-    assert train.CKPT_KEYS <= set(ckpt) and ckpt["iter"] == 5 and ckpt["model_name"] == "mac"
+    assert data.CKPT_KEYS <= set(ckpt) and ckpt["iter"] == 5 and ckpt["model_name"] == "mac"
     assert ckpt["vocab_hash"] == data.load_info(tiny_data)["vocab_hash"]
     assert not list(out.glob("*.tmp"))  # written atomically
 
@@ -259,6 +259,12 @@ def test_error_for_a_checkpoint_of_another_model(run_dir, tiny_data, tmp_path):
     torch.save(ckpt, tmp_path / "other-model.pt")
     msg = error_of(["mac", "--data", str(tiny_data), "--init", str(tmp_path / "other-model.pt")])
     assert "'stack_nmn' model, not 'mac'" in msg
+
+
+def test_a_run_directory_stands_for_its_best_checkpoint(run_dir, tmp_path):
+    assert data.read_checkpoint(run_dir)["iter"] == data.read_checkpoint(run_dir / "best.pt")["iter"]
+    with pytest.raises(data.DataError, match="without a best.pt"):
+        data.read_checkpoint(tmp_path)
 
 
 def test_error_for_a_damaged_or_missing_checkpoint(run_dir, tiny_data, tmp_path):
