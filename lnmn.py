@@ -79,6 +79,7 @@ class LNMNConfig:
     norm_fix: bool = True  # NOTE (deviation): 4-input cells merge their maps without the L2 norm (official: sign)
     node_norm: bool = True  # NOTE (deviation from Sec. 3.1's O, which has no norm): official code, L2 over channels
     cells: Literal["learned", "stack"] = "learned"  # NOTE (not in the paper): "stack" fixes the cells to STACK_CELLS
+    arch_warmup: float = 0.0  # NOTE (not in the paper): share of the run before the first alpha step (DARTS-style)
 
 
 # A CPU run on the built-in mini-CLEVR (not from the paper; README, "Stack-NMN and LNMN"). It runs the
@@ -251,6 +252,10 @@ class LNMN(stack_nmn.StackNMN):
         return np.sort(order[int(round(self.cfg.held_out * n)):])
 
     def forward(self, batch):
+        if self.training and self.cfg.cells == "learned" and self.cfg.arch_warmup:
+            live = self.progress >= self.cfg.arch_warmup                 # no alpha step before (the trainer
+            for alpha in self.arch_parameters():                         # skips it while no alpha needs a grad)
+                alpha.requires_grad_(live)
         ctx, states = self.run(batch)
         w = torch.stack([s["module_logits"] for s in states], 1).softmax(-1)  # (B, T, M)
         entropy = -(w * w.clamp(min=1e-8).log()).sum(-1).mean()         # mean over t (and the batch)

@@ -18,7 +18,8 @@ Two more optional hooks: a model attribute `progress` is set to (iteration / ite
 before every training forward (schedules inside the loss, e.g. LNMN's entropy weight); and a method
 `arch_optimizer() -> torch optimizer or None` (DARTS-style bilevel training, LNMN): its parameters are left out
 of the trainer's optimizer and stepped by it after every weight update, on NLL + out["arch_loss"] of a
-batch of the training rows that `train_subset` left out (drawn by (seed, iteration): exact on resume).
+batch of the training rows that `train_subset` left out (drawn by (seed, iteration): exact on resume),
+while any of them requires a gradient (LNMN's --arch-warmup turns that off for the start of a run).
 A wrapper module (act.py, dact.py) exposes `Config` and `Model(inner_model, cfg)`. Every Config field
 becomes a flag (`max_steps` -> `--max-steps`, bools as `--x/--no-x`), its comment becomes the help.
 
@@ -632,7 +633,8 @@ def run(argv, model_name, wrapper_name, model_mod, wrapper_mod, explicit):
                                                    cfg.clip if cfg.clip > 0 else math.inf)
             scaler.step(optimizer)
             scaler.update()
-            if arch_opt and len(held_out):  # first-order DARTS: the architecture on a held-out batch
+            arch_live = arch_opt and any(p.requires_grad for g in arch_opt.param_groups for p in g["params"])
+            if arch_live and len(held_out):  # first-order DARTS: the architecture on a held-out batch
                 idx = np.random.default_rng([cfg.seed, it]).choice(held_out, min(cfg.batch_size, len(held_out)), False)
                 ab = {k: v.to(device) for k, v in train_loader.split.batch(np.sort(idx)[rank::world]).items()}
                 with autocast:

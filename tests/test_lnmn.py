@@ -242,3 +242,14 @@ def test_stack_cells_are_stack_nmn_modules_and_stay_fixed(modules, tiny_data, tm
         assert torch.equal(ckpt["model"][f"modules_.cells.{i}.alpha"], cell.alpha)
     n_weights = len([p for p in m.parameters() if p.requires_grad])
     assert len(ckpt["optimizer"]["state"]) == n_weights
+
+
+def test_arch_warmup_starts_the_alpha_steps_late(tiny_data, tmp_path):
+    """--arch-warmup 0.5 over one epoch of 14 iterations (216 questions, batch 16): the weights step 14
+    times, the alphas 7 (from progress 7/14 on)."""
+    out = tmp_path / "run"
+    train.main(["lnmn", "--data", str(tiny_data), "--out", str(out), "--epochs", "1", "--arch-warmup", "0.5",
+                *TINY_FLAGS])
+    ckpt = torch.load(out / "last.pt", map_location="cpu", weights_only=True)
+    assert {int(s["step"]) for s in ckpt["optimizer"]["state"].values()} == {14}
+    assert {int(s["step"]) for s in ckpt["arch_optimizer"]["state"].values()} == {7}
