@@ -188,14 +188,6 @@ Config, Model = DACTConfig, DACT  # names the trainer's registry looks for
 
 # ----------------------------------------------------------------------------- loading and evaluating runs
 
-def restore(cls, saved, **override):
-    """The dataclass `cls` with the values saved in a checkpoint (lists back to tuples)."""
-    default = cls()
-    values = {k: tuple(v) if isinstance(getattr(default, k), tuple) else v
-              for k, v in (saved or {}).items() if hasattr(default, k)}
-    return dataclasses.replace(default, **values, **override)
-
-
 def load_run(path, data_dir=None):
     """-> (model in eval mode with the EMA weights, checkpoint, data dir) for a train.py checkpoint of
     any model and wrapper. Modules are imported by the checkpoint's names (train.py's registry maps each
@@ -206,10 +198,10 @@ def load_run(path, data_dir=None):
     except data.DataError as err:
         raise SystemExit(f"error: {err}")
     mod = importlib.import_module(ckpt["model_name"])
-    model = mod.Model(restore(mod.Config, ckpt["config"]["model"]), info)
+    model = mod.Model(data.checkpoint_config(mod.Config, ckpt["config"]["model"]), info)
     if ckpt["wrapper_name"]:
         wmod = importlib.import_module(ckpt["wrapper_name"])
-        model = wmod.Model(model, restore(wmod.Config, ckpt["config"]["wrapper"]))
+        model = wmod.Model(model, data.checkpoint_config(wmod.Config, ckpt["config"]["wrapper"]))
     model.load_state_dict(ckpt["ema"])
     return model.eval(), ckpt, data_dir
 

@@ -1,5 +1,6 @@
 """Everything about data: CLEVR's formats, programs, a symbolic executor, the built-in mini-CLEVR
-generator, clevr-iep style preprocessing, and the batch loader that every model reads from.
+generator, clevr-iep style preprocessing, the batch loader that every model reads from, and reading
+train.py's checkpoints (for train.py and the analysis tools).
 
     python data.py generate [--out DIR] [--tiny]          # built-in mini-CLEVR, CLEVR layout + prepared/
     python data.py prepare CLEVR_DIR --out DIR [--images pixels|features] [--size N]
@@ -27,6 +28,7 @@ kind (B,) index into QUESTION_KINDS (-1 unknown), image_index (B,). With object 
 is (B, O, F), plus boxes (B, O, 4) and num_objects (B,).
 """
 import argparse
+import dataclasses
 import hashlib
 import json
 import os
@@ -1333,6 +1335,15 @@ def read_checkpoint(path, models=(), hint=""):
         raise DataError(f"checkpoint {path} holds a '{ckpt['model_name']}' model, not {want}: pick a checkpoint of "
                         f"{want} (this one runs with `python train.py {ckpt['model_name']} ...`)")
     return ckpt
+
+
+def checkpoint_config(cls, saved):
+    """The config dataclass `cls` with the values a checkpoint saved (lists back to tuples); a field the
+    code no longer has is dropped, a field it gained keeps its default."""
+    default = cls()
+    values = {k: tuple(v) if isinstance(getattr(default, k), tuple) else v
+              for k, v in (saved or {}).items() if hasattr(default, k)}
+    return dataclasses.replace(default, **values)
 
 
 def checkpoint_data(ckpt, data_dir=None):

@@ -42,7 +42,7 @@ STACK_CELLS = {
     ("attn", 3): [("choose_1", "product"),             # Find:   conv2(conv1(I) * W1 c)
                   ("product", "product"),              # Filter: conv2(conv1(I) * a * W1 c) (Find, softly And-ed)
                   ("choose_1", "choose_1"),            # Scene:  conv2(conv1(I))
-                  ("sum", "product")],                 #         conv2((conv1(I) + a) * W1 c)
+                  ("sum", "product")],                 #         conv2((conv1(I) + a) * W1 c): Find on an empty stack
     ("attn", 4): [("min", "choose_1", "choose_1"),     # And:    conv2(min(a1, a2))
                   ("max", "choose_1", "choose_1")],    # Or:     conv2(max(a1, a2))
     ("ans", 3): [("product", "product"),               # Answer: W2[sum(conv1(I) * a * W1 c), W1 c, f_mem]
@@ -254,9 +254,9 @@ class LNMN(stack_nmn.StackNMN):
 
     def forward(self, batch):
         if self.training and self.cfg.cells == "learned" and self.cfg.arch_warmup:
-            live = self.progress >= self.cfg.arch_warmup                 # no alpha step before (the trainer
-            for alpha in self.arch_parameters():                         # skips it while no alpha needs a grad)
-                alpha.requires_grad_(live)
+            # --arch-warmup: the trainer skips the alpha step while no alpha requires a gradient
+            for alpha in self.arch_parameters():
+                alpha.requires_grad_(self.progress >= self.cfg.arch_warmup)
         ctx, states = self.run(batch)
         w = torch.stack([s["module_logits"] for s in states], 1).softmax(-1)  # (B, T, M)
         entropy = -(w * w.clamp(min=1e-8).log()).sum(-1).mean()         # mean over t (and the batch)

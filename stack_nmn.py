@@ -392,10 +392,7 @@ def load_run(path, data_dir=None, models=("stack_nmn", "lnmn")):
     except data.DataError as err:
         raise SystemExit(f"error: {err}")
     mod = importlib.import_module(ckpt["model_name"])
-    fields = mod.Config.__dataclass_fields__                             # a newer field keeps its default
-    cfg = mod.Config(**{k: tuple(v) if isinstance(v, list) else v for k, v in ckpt["config"]["model"].items()
-                        if k in fields})
-    model = mod.Model(cfg, info)
+    model = mod.Model(data.checkpoint_config(mod.Config, ckpt["config"]["model"]), info)
     prefix = ckpt.get("prefix", "")
     model.load_state_dict({k[len(prefix):]: v for k, v in ckpt["ema"].items() if k.startswith(prefix)})
     return model.eval(), info, d
