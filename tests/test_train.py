@@ -262,9 +262,14 @@ def test_error_for_a_checkpoint_of_another_model(run_dir, tiny_data, tmp_path):
 
 
 def test_a_run_directory_stands_for_its_best_checkpoint(run_dir, tmp_path):
-    assert data.read_checkpoint(run_dir)["iter"] == data.read_checkpoint(run_dir / "best.pt")["iter"]
+    run = tmp_path / "run"                                       # best.pt and last.pt told apart by iter
+    run.mkdir()
+    for name, it in (("best.pt", 111), ("last.pt", 222)):
+        torch.save({**data.read_checkpoint(run_dir / name), "iter": it}, run / name)
+    assert data.read_checkpoint(run)["iter"] == 111
+    (run / "best.pt").unlink()
     with pytest.raises(data.DataError, match="without a best.pt"):
-        data.read_checkpoint(tmp_path)
+        data.read_checkpoint(run)
 
 
 def test_error_for_a_damaged_or_missing_checkpoint(run_dir, tiny_data, tmp_path):
