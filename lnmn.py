@@ -10,6 +10,7 @@ stack_nmn.py, with these cells as its modules; Sec. 3.2), the losses of Algorith
 
     python train.py lnmn [--modules 9|11|14]     # weights on training batches, alphas on a held-out slice
     python train.py lnmn --cells stack           # not in the paper: Stack-NMN's modules as fixed cells
+    python train.py lnmn --compare pooled        # not in the paper: 4-input answer cells = Stack-NMN's Compare
     python lnmn.py analyze RUN/best.pt [--max-batches N] [--out DIR]
         # Fig. 3 (alpha heat map), Table 6 (expressions), Table 7 (operator ablation), Table 2 (hard-max)
     python lnmn.py                               # smoke run
@@ -80,6 +81,7 @@ class LNMNConfig:
     node_norm: bool = True  # NOTE (deviation from Sec. 3.1's O, which has no norm): official code, L2 over channels
     cells: Literal["learned", "stack"] = "learned"  # NOTE (not in the paper): "stack" fixes the cells to STACK_CELLS
     arch_warmup: float = 0.0  # NOTE (not in the paper): share of the run before the first alpha step (DARTS-style)
+    compare: Literal["cell", "pooled"] = "cell"  # NOTE (not in the paper): "pooled": 4-input answer cells = Stack-NMN's Compare
 
 
 # A CPU run on the built-in mini-CLEVR (not from the paper; README, "Stack-NMN and LNMN"). It runs the
@@ -131,6 +133,7 @@ class Cell(nn.Module):
     def __init__(self, kind, inputs, cfg):
         super().__init__()
         self.kind, self.inputs, self.norm = kind, inputs, cfg.node_norm
+        self.pooled = kind == "ans" and inputs == 4 and cfg.compare == "pooled"   # its alphas go unused
         self.merge_norm = cfg.node_norm and not cfg.norm_fix
         # NOTE (deviation): alphas start near uniform, N(0, 1e-3), as DARTS (the official code: N(0, 1))
         self.alpha = nn.Parameter(1e-3 * torch.randn(inputs - 1, len(OPS)))
@@ -140,6 +143,9 @@ class Cell(nn.Module):
     def forward(self, I, maps, c, m, mask=None, hard=False):
         """I (B, K, d) conv1(I); maps [(B, K)] 1 or 2 attention maps (logits); c (B, d) W1 c;
         m (B, Dm) f_mem -> attention map (B, K) or memory (B, Dm)."""
+        if self.pooled:  # --compare pooled: each map pools the image on its own, then the two multiply
+            x1, x2 = [(a.softmax(-1)[..., None] * I).sum(1) for a in maps]   # (B, d) each
+            return self.out(torch.cat([F.normalize(x1 * x2 * c, dim=-1), c, m], -1))  # (B, Dm)
         w = op_weights(self.alpha, mask, hard)                           # (k, N)
         maps = [a[..., None] for a in maps]                              # (B, K, 1): broadcast over channels
         if self.inputs == 3:
@@ -153,6 +159,8 @@ class Cell(nn.Module):
 
     def expression(self, hard_alpha=None):
         """The analytical expression from the argmax op of every node (Table 6), choose_* resolved."""
+        if self.pooled:
+            return "W2[l2norm(sum(softmax(a1) conv1(I)) * sum(softmax(a2) conv1(I)) * W1 c), W1 c, f_mem]"
         idx = (self.alpha if hard_alpha is None else hard_alpha).argmax(-1).tolist()
         terms = ("conv1(I)", "a") if self.inputs == 3 else ("a1", "a2")
         x = show(idx[0], *terms)

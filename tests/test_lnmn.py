@@ -120,6 +120,30 @@ def test_node_norm_flag_decides_whether_the_attention_magnitude_reaches_an_answe
             assert torch.allclose(run(a), want, atol=1e-5)
 
 
+def test_pooled_compare_multiplies_the_two_objects_features():
+    """--compare pooled (not in the paper): a 4-input answer cell pools the image under each map on its
+    own and multiplies the two, as Stack-NMN's Compare. With each map on one position it is
+    W2[l2norm(I[k1] * I[k2] * W1 c), W1 c, f_mem]; it is symmetric in the maps and blind to a map's
+    offset (softmax); the cell's alphas play no part. The paper's cell is neither of the last two."""
+    I, c, m = torch.randn(6, 36, 8), torch.randn(6, 8), torch.randn(6, 8)
+    k1, k2 = torch.randint(0, 36, (6,)), torch.randint(0, 36, (6,))
+    a1, a2 = 50 * F.one_hot(k1, 36).float(), 50 * F.one_hot(k2, 36).float()
+    cell = next(x for x in model(compare="pooled").modules_.cells if (x.kind, x.inputs) == ("ans", 4))
+    rows = torch.arange(6)
+    want = cell.out(torch.cat([F.normalize(I[rows, k1] * I[rows, k2] * c, dim=-1), c, m], -1))
+    assert torch.allclose(cell(I, [a1, a2], c, m), want, atol=1e-5)
+    a1, a2 = torch.randn(6, 36), torch.randn(6, 36)
+    out = cell(I, [a1, a2], c, m)
+    assert torch.allclose(out, cell(I, [a2, a1], c, m), atol=1e-5)
+    assert torch.allclose(out, cell(I, [a1 + 3.0, a2 - 1.0], c, m), atol=1e-5)
+    cell.alpha.data = torch.randn_like(cell.alpha)
+    assert torch.allclose(out, cell(I, [a1, a2], c, m))
+    assert "softmax(a1)" in cell.expression()
+    paper = next(x for x in model().modules_.cells if (x.kind, x.inputs) == ("ans", 4))
+    paper.alpha.data = one_hot_alpha("sum", "product", "product")  # W2[sum((a1 + a2) * conv1(I) * W1 c), ...]
+    assert not torch.allclose(paper(I, [a1, a2], c, m), paper(I, [a1 + 3.0, a2 - 1.0], c, m), atol=1e-3)
+
+
 def test_official_stack_use_memory_and_controller():
     """Answer cells pop the maps they read and leave the stack's contents; only answer cells write the
     memory (f_mem = sum over answer modules, Sec. 2.3); c_t averages the BiLSTM states (size dim); the
