@@ -81,7 +81,7 @@ class LNMNConfig:
     node_norm: bool = True  # NOTE (deviation from Sec. 3.1's O, which has no norm): official code, L2 over channels
     cells: Literal["learned", "stack"] = "learned"  # NOTE (not in the paper): "stack" fixes the cells to STACK_CELLS
     arch_warmup: float = 0.0  # NOTE (not in the paper): share of the run before the first alpha step (DARTS-style)
-    compare: Literal["cell", "pooled"] = "cell"  # NOTE (not in the paper): "pooled": 4-input answer cells = Stack-NMN's Compare
+    compare: Literal["cell", "pooled"] = "cell"  # NOTE (not in the paper): "pooled": Ans4 cells = Stack-NMN's Compare
 
 
 # A CPU run on the built-in mini-CLEVR (not from the paper; README, "Stack-NMN and LNMN"). It runs the
@@ -143,7 +143,7 @@ class Cell(nn.Module):
     def forward(self, I, maps, c, m, mask=None, hard=False):
         """I (B, K, d) conv1(I); maps [(B, K)] 1 or 2 attention maps (logits); c (B, d) W1 c;
         m (B, Dm) f_mem -> attention map (B, K) or memory (B, Dm)."""
-        if self.pooled:  # --compare pooled: each map pools the image on its own, then the two multiply
+        if self.pooled:  # --compare pooled: Stack-NMN's Compare, each map pools the image, the two multiply
             x1, x2 = [(a.softmax(-1)[..., None] * I).sum(1) for a in maps]   # (B, d) each
             return self.out(torch.cat([F.normalize(x1 * x2 * c, dim=-1), c, m], -1))  # (B, Dm)
         w = op_weights(self.alpha, mask, hard)                           # (k, N)
