@@ -133,10 +133,10 @@ class Cell(nn.Module):
     def __init__(self, kind, inputs, cfg):
         super().__init__()
         self.kind, self.inputs, self.norm = kind, inputs, cfg.node_norm
-        self.pooled = kind == "ans" and inputs == 4 and cfg.compare == "pooled"   # its alphas go unused
+        self.pooled = kind == "ans" and inputs == 4 and cfg.compare == "pooled"   # no nodes: nothing to search
         self.merge_norm = cfg.node_norm and not cfg.norm_fix
         # NOTE (deviation): alphas start near uniform, N(0, 1e-3), as DARTS (the official code: N(0, 1))
-        self.alpha = nn.Parameter(1e-3 * torch.randn(inputs - 1, len(OPS)))
+        self.alpha = nn.Parameter(1e-3 * torch.randn(inputs - 1, len(OPS)), requires_grad=not self.pooled)
         d = cfg.map_dim
         self.out = nn.Linear(d, 1) if kind == "attn" else nn.Linear(d + d + cfg.mem_dim, cfg.mem_dim)
 
@@ -247,7 +247,7 @@ class LNMN(stack_nmn.StackNMN):
         return 1 - p / s if p < s else -(p - s) / max(1 - s, 1e-9)
 
     def arch_parameters(self):
-        return [c.alpha for c in self.modules_.cells]
+        return [c.alpha for c in self.modules_.cells if not c.pooled]  # a pooled cell's alphas are unused
 
     def arch_optimizer(self):
         if self.cfg.cells == "stack":  # the alphas are fixed: no alpha step (the trainer skips a None)
@@ -302,7 +302,8 @@ def analyze(args):
     bank = model.modules_
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    alphas = {name: cell.alpha.detach().softmax(-1) for name, cell in zip(bank.names[1:], bank.cells)}
+    alphas = {name: cell.alpha.detach().softmax(-1)                      # a pooled cell has none to show
+              for name, cell in zip(bank.names[1:], bank.cells) if not cell.pooled}
     print("softmax(alpha) per module and node (Fig. 3):")
     print(f"  {'':12s}" + "".join(f"{o:>9s}" for o in OPS))
     for name, a in alphas.items():

@@ -128,7 +128,8 @@ def test_pooled_compare_multiplies_the_two_objects_features():
     I, c, m = torch.randn(6, 36, 8), torch.randn(6, 8), torch.randn(6, 8)
     k1, k2 = torch.randint(0, 36, (6,)), torch.randint(0, 36, (6,))
     a1, a2 = 50 * F.one_hot(k1, 36).float(), 50 * F.one_hot(k2, 36).float()
-    cell = next(x for x in model(compare="pooled").modules_.cells if (x.kind, x.inputs) == ("ans", 4))
+    pooled = model(compare="pooled")
+    cell = next(x for x in pooled.modules_.cells if (x.kind, x.inputs) == ("ans", 4))
     rows = torch.arange(6)
     want = cell.out(torch.cat([F.normalize(I[rows, k1] * I[rows, k2] * c, dim=-1), c, m], -1))
     assert torch.allclose(cell(I, [a1, a2], c, m), want, atol=1e-5)
@@ -138,6 +139,8 @@ def test_pooled_compare_multiplies_the_two_objects_features():
     assert torch.allclose(out, cell(I, [a1 + 3.0, a2 - 1.0], c, m), atol=1e-5)
     cell.alpha.data = torch.randn_like(cell.alpha)
     assert torch.allclose(out, cell(I, [a1, a2], c, m))
+    assert not cell.alpha.requires_grad and all(a is not cell.alpha for a in pooled.arch_parameters())
+    assert len(pooled.arch_parameters()) == len(pooled.modules_.cells) - 1  # the other cells are searched
     assert "softmax(a1)" in cell.expression()
     paper = next(x for x in model().modules_.cells if (x.kind, x.inputs) == ("ans", 4))
     paper.alpha.data = one_hot_alpha("sum", "product", "product")  # W2[sum((a1 + a2) * conv1(I) * W1 c), ...]
