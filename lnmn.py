@@ -255,6 +255,17 @@ class LNMN(stack_nmn.StackNMN):
         return torch.optim.Adam(self.arch_parameters(), lr=self.cfg.arch_lr, betas=(0.5, 0.999),
                                 weight_decay=self.cfg.arch_wd)
 
+    def arch_step(self, forward, batch, optimizer, autocast):
+        """Algorithm 2's alpha update (first-order DARTS): one step of `optimizer` on the NLL of a held-out
+        batch plus the sparsity term. `forward` is the model as the trainer runs it (compiled, in DDP), so
+        that the alpha gradients are averaged over the processes."""
+        with autocast:
+            out = forward(batch)
+            loss = F.nll_loss(out["log_probs"].float(), batch["answer"], ignore_index=-100) + out["arch_loss"]
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
     def train_subset(self, n):
         """The training rows for the weights; the rest (held_out) are the alpha steps' batches."""
         order = np.random.default_rng(self.cfg.held_out_seed).permutation(n)

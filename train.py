@@ -14,12 +14,15 @@ them, "aux_loss" (a scalar added to the loss) and "steps" (B,), and `PRESETS` {n
 Optional too: "loss" (a scalar that replaces the answer NLL, e.g. a program generator's own loss),
 "metrics" ({name: (B,) values in [0, 1]}, averaged like the accuracy and logged beside it), and a
 method `train_subset(n) -> row indices or None`: the training questions to learn from, of the n.
-Two more optional hooks: a model attribute `progress` is set to (iteration / iterations of --epochs)
-before every training forward (schedules inside the loss, e.g. LNMN's entropy weight); and a method
-`arch_optimizer() -> torch optimizer or None` (DARTS-style bilevel training, LNMN): its parameters are left out
-of the trainer's optimizer and stepped by it after every weight update, on NLL + out["arch_loss"] of a
-batch of the training rows that `train_subset` left out (drawn by (seed, iteration): exact on resume),
-while any of them requires a gradient (LNMN's --arch-warmup turns that off for the start of a run).
+Optional hooks, for a model's own training terms:
+- attribute `progress`: set to (iteration / iterations of --epochs) before every training forward
+  (schedules inside the loss, e.g. LNMN's entropy weight);
+- `regularizer() -> scalar`: added to the loss of training steps only (Stack-NMN's weight decay);
+- `arch_optimizer() -> torch optimizer or None` and `arch_step(forward, batch, optimizer, autocast)`
+  (DARTS-style bilevel training, LNMN's Algorithm 2): the optimizer's parameters are left out of the
+  trainer's optimizer; after every weight update the trainer draws a batch of the training rows that
+  `train_subset` left out (by (seed, iteration): exact on resume) and the model takes its step on it,
+  while any of those parameters requires a gradient (LNMN's --arch-warmup turns that off at the start).
 A wrapper module (act.py, dact.py) exposes `Config` and `Model(inner_model, cfg)`. Every Config field
 becomes a flag (`max_steps` -> `--max-steps`, bools as `--x/--no-x`), its comment becomes the help.
 
@@ -460,239 +463,312 @@ def resolve_configs(model_name, wrapper_name, model_mod, wrapper_mod, explicit, 
     return cfgs, ckpt, path
 
 
-def run(argv, model_name, wrapper_name, model_mod, wrapper_mod, explicit):
-    # distributed only when launched by torchrun: each process reads its share of every batch (data.Loader)
+def start_processes():
+    """Distributed only when launched by torchrun: each process reads its share of every batch (data.Loader).
+    -> (ddp, rank, world, log): only rank 0 prints."""
     ddp = "RANK" in os.environ
     if ddp:
         torch.distributed.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     rank, world = (torch.distributed.get_rank(), torch.distributed.get_world_size()) if ddp else (0, 1)
-    log = print if rank == 0 else (lambda *a, **k: None)
+    return ddp, rank, world, print if rank == 0 else (lambda *a, **k: None)
 
-    cfgs, ckpt, ckpt_path = resolve_configs(model_name, wrapper_name, model_mod, wrapper_mod, explicit, log)
-    cfg, mcfg, wcfg = cfgs["train"], cfgs["model"], cfgs["wrapper"]
-    name = model_name + (f"-{wrapper_name}" if wrapper_name else "")
-    out = Path(cfg.out or f"runs/{name}-{datetime.datetime.now():%Y%m%d-%H%M%S}")
-    if not cfg.resume and not cfg.eval_only and (out / "last.pt").exists():
-        fail(f"{out} already holds a run: add --resume to continue it, or choose another --out")
-    if cfg.resume and not cfg.eval_only and ckpt["wrapper_name"] != wrapper_name:
-        fail(f"{ckpt_path} is a run of {model_name} with wrapper {ckpt['wrapper_name']}, not {wrapper_name}: "
-             "resume it with the same model and wrapper")
-    if cfg.batch_size % world:
-        fail(f"--batch-size {cfg.batch_size} must be a multiple of the {world} processes")
 
-    # data
-    data_dir = Path(cfg.data) if cfg.data else data.ensure_builtin(log=log)
-    info = data.load_info(data_dir)
-    if ckpt and ckpt["vocab_hash"] != info["vocab_hash"]:
-        fail(f"checkpoint {ckpt_path} was trained on data with vocabulary {ckpt['vocab_hash']} "
-             f"({ckpt.get('data_dir', '?')}), but {data_dir} has vocabulary {info['vocab_hash']}: word and "
-             "answer indices would not match. Pass the --data it was trained on, or train from scratch")
-    train_loader = data.make_loader(data_dir, "train", cfg.batch_size, shuffle=True, seed=cfg.seed, drop_last=ddp,
-                                    rank=rank, world=world)
-    val_loader = data.make_loader(data_dir, "val", cfg.batch_size, shuffle=False, rank=rank, world=world)
-    device = pick_device(cfg.device, int(os.environ.get("LOCAL_RANK", 0)))
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    if cfg.amp == "fp16" and device.type != "cuda":
-        fail(f"--amp fp16 needs CUDA (its gradient scaler); on {device.type} use --amp bf16 or --amp off")
-    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.amp)
-    autocast = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else nullcontext()
-    scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16")  # fp16 only: scales the loss
+class Run:
+    """One training run: its configs, data, model, optimizers and counters, and the steps of the loop.
+    A model's own training terms come through its hooks (see the module docstring): `progress`,
+    `train_subset`, `regularizer` and `arch_optimizer` / `arch_step`."""
 
-    # model (a wrapper holds the inner model under `prefix`), optimizer, scheduler, weights, EMA copy
-    seed_all(cfg.seed)
-    inner = model_mod.Model(mcfg, info)
-    raw = wrapper_mod.Model(inner, wcfg) if wrapper_mod else inner
-    prefix = next(n + "." for n, m in raw.named_modules() if m is inner) if raw is not inner else ""
-    raw.to(device)
-    arch_opt = inner.arch_optimizer() if hasattr(inner, "arch_optimizer") else None  # (see the docstring)
-    arch_ids = {id(p) for g in arch_opt.param_groups for p in g["params"]} if arch_opt else set()
-    optimizer = torch.optim.Adam([p for p in raw.parameters() if p.requires_grad and id(p) not in arch_ids], lr=cfg.lr)
-    if (rows := getattr(inner, "train_subset", lambda n: None)(len(train_loader.split))) is not None:
-        train_loader.rows = rows  # the model learns from these training questions only
-        log(f"training on {len(rows)} of the {len(train_loader.split)} training questions")
-    held_out = np.setdiff1d(np.arange(len(train_loader.split)), train_loader.rows if rows is not None else [])
-    with_progress = [m for m in raw.modules() if hasattr(m, "progress")]
-    scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="max", factor=cfg.lr_factor,
-                                                           patience=cfg.lr_patience)
-    epoch, it, pos, best, rng = 0, 0, 0, -1.0, None
-    resuming = cfg.resume and not cfg.eval_only
-    if resuming:
+    def __init__(self, argv, model_name, wrapper_name, model_mod, wrapper_mod, explicit):
+        self.ddp, self.rank, self.world, self.log = start_processes()
+        self.cfgs, self.ckpt, self.ckpt_path = resolve_configs(model_name, wrapper_name, model_mod, wrapper_mod,
+                                                               explicit, self.log)
+        self.cfg, cfg = self.cfgs["train"], self.cfgs["train"]
+        self.argv, self.model_name, self.wrapper_name, self.explicit = argv, model_name, wrapper_name, explicit
+        self.name = model_name + (f"-{wrapper_name}" if wrapper_name else "")
+        self.out = Path(cfg.out or f"runs/{self.name}-{datetime.datetime.now():%Y%m%d-%H%M%S}")
+        if not cfg.resume and not cfg.eval_only and (self.out / "last.pt").exists():
+            fail(f"{self.out} already holds a run: add --resume to continue it, or choose another --out")
+        if cfg.resume and not cfg.eval_only and self.ckpt["wrapper_name"] != wrapper_name:
+            fail(f"{self.ckpt_path} is a run of {model_name} with wrapper {self.ckpt['wrapper_name']}, not "
+                 f"{wrapper_name}: resume it with the same model and wrapper")
+        if cfg.batch_size % self.world:
+            fail(f"--batch-size {cfg.batch_size} must be a multiple of the {self.world} processes")
+        self.open_data()
+        self.start_device()
+        self.build(model_mod, wrapper_mod)
+        self.epoch, self.it, self.pos, self.best, self.rng = 0, 0, 0, -1.0, None
+        self.resuming = cfg.resume and not cfg.eval_only
+        self.restore()
+
+    def open_data(self):
+        cfg, ckpt = self.cfg, self.ckpt
+        self.data_dir = Path(cfg.data) if cfg.data else data.ensure_builtin(log=self.log)
+        self.info = data.load_info(self.data_dir)
+        if ckpt and ckpt["vocab_hash"] != self.info["vocab_hash"]:
+            fail(f"checkpoint {self.ckpt_path} was trained on data with vocabulary {ckpt['vocab_hash']} "
+                 f"({ckpt.get('data_dir', '?')}), but {self.data_dir} has vocabulary {self.info['vocab_hash']}: "
+                 "word and answer indices would not match. Pass the --data it was trained on, or train from scratch")
+        self.train_loader = data.make_loader(self.data_dir, "train", cfg.batch_size, shuffle=True, seed=cfg.seed,
+                                             drop_last=self.ddp, rank=self.rank, world=self.world)
+        self.val_loader = data.make_loader(self.data_dir, "val", cfg.batch_size, shuffle=False, rank=self.rank,
+                                           world=self.world)
+
+    def start_device(self):
+        cfg = self.cfg
+        self.device = device = pick_device(cfg.device, int(os.environ.get("LOCAL_RANK", 0)))
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        if cfg.amp == "fp16" and device.type != "cuda":
+            fail(f"--amp fp16 needs CUDA (its gradient scaler); on {device.type} use --amp bf16 or --amp off")
+        amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.amp)
+        self.autocast = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else nullcontext()
+        self.scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16")  # fp16 only: scales the loss
+
+    def build(self, model_mod, wrapper_mod):
+        """The model (a wrapper holds the inner model under `prefix`), its optimizers and scheduler."""
+        cfg, cfgs = self.cfg, self.cfgs
+        seed_all(cfg.seed)
+        self.inner = inner = model_mod.Model(cfgs["model"], self.info)
+        self.raw = raw = wrapper_mod.Model(inner, cfgs["wrapper"]) if wrapper_mod else inner
+        self.prefix = next(n + "." for n, m in raw.named_modules() if m is inner) if raw is not inner else ""
+        raw.to(self.device)
+        self.arch_opt = inner.arch_optimizer() if hasattr(inner, "arch_optimizer") else None
+        arch_ids = {id(p) for g in self.arch_opt.param_groups for p in g["params"]} if self.arch_opt else set()
+        self.optimizer = torch.optim.Adam([p for p in raw.parameters() if p.requires_grad and id(p) not in arch_ids],
+                                          lr=cfg.lr)
+        split = self.train_loader.split
+        if (rows := getattr(inner, "train_subset", lambda n: None)(len(split))) is not None:
+            self.train_loader.rows = rows  # the model learns from these training questions only
+            self.log(f"training on {len(rows)} of the {len(split)} training questions")
+        self.held_out = np.setdiff1d(np.arange(len(split)), self.train_loader.rows if rows is not None else [])
+        self.with_progress = [m for m in raw.modules() if hasattr(m, "progress")]
+        self.scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(self.optimizer, mode="max", factor=cfg.lr_factor,
+                                                                    patience=cfg.lr_patience)
+
+    def restore(self):
+        """--resume: every state from last.pt; --init: the checkpoint's EMA weights. Then the EMA copy."""
+        ckpt, path, log = self.ckpt, self.ckpt_path, self.log
+        if self.resuming:
+            self.resume_from(ckpt)
+        elif ckpt:
+            log(f"EMA weights from {path} ({' + '.join(filter(None, (ckpt['model_name'], ckpt['wrapper_name'])))}):")
+            load_weights(self.raw, ckpt["ema"], ckpt["prefix"], self.prefix, log)
+        self.ema = copy.deepcopy(self.raw).requires_grad_(False)
+        if self.resuming:
+            self.ema.load_state_dict(ckpt["ema"])
+        log(f"{self.name}: {sum(p.numel() for p in self.raw.parameters()):,} parameters on {self.device}")
+        log(f"trainer: {self.cfg}\nmodel: {self.cfgs['model']}" +
+            (f"\nwrapper: {self.cfgs['wrapper']}" if self.cfgs["wrapper"] else ""))
+
+    def resume_from(self, ckpt):
+        path = self.ckpt_path
         try:
-            raw.load_state_dict(ckpt["model"])
-            optimizer.load_state_dict(ckpt["optimizer"])
-            scheduler.load_state_dict(ckpt["scheduler"])
-            if arch_opt:
-                arch_opt.load_state_dict(ckpt["arch_optimizer"])
+            self.raw.load_state_dict(ckpt["model"])
+            self.optimizer.load_state_dict(ckpt["optimizer"])
+            self.scheduler.load_state_dict(ckpt["scheduler"])
+            if self.arch_opt:
+                self.arch_opt.load_state_dict(ckpt["arch_optimizer"])
         except (RuntimeError, ValueError, KeyError) as e:
-            fail(f"{ckpt_path} does not fit the {name} model built from its own config ({type(e).__name__}: "
+            fail(f"{path} does not fit the {self.name} model built from its own config ({type(e).__name__}: "
                  f"{str(e).splitlines()[0][:200]}); it was written by another version of the code. Start a new "
-                 f"run with --init {ckpt_path}, which loads the weights that fit and lists the rest")
+                 f"run with --init {path}, which loads the weights that fit and lists the rest")
         if ckpt.get("scaler"):
-            scaler.load_state_dict(ckpt["scaler"])
-        if "lr" in explicit["train"]:  # the optimizer's state holds the checkpoint's (maybe decayed) rate
-            log(f"--lr {cfg.lr:g} replaces the checkpoint's {optimizer.param_groups[0]['lr']:g}")
-            for g in optimizer.param_groups:
-                g["lr"] = cfg.lr
-        epoch, it, pos, best, rng = ckpt["epoch"], ckpt["iter"], ckpt["pos"], ckpt["best_acc"], ckpt["rng"]
-        if world > 1 and len(ckpt.get("rng_ranks") or []) == world:
-            rng = ckpt["rng_ranks"][rank]  # each process continues its own dropout stream
-        elif world != len(ckpt.get("rng_ranks") or [0]) and pos:
-            log(f"note: {ckpt_path} was written by a run with another number of processes; the same batches "
-                "follow, but dropout draws differ from an uninterrupted run until the epoch ends")
-        log(f"resuming {ckpt_path}: epoch {epoch + 1}, batch {pos}, iteration {it}, best val acc {best:.4f}")
-    elif ckpt:
-        log(f"EMA weights from {ckpt_path} ({' + '.join(filter(None, (ckpt['model_name'], ckpt['wrapper_name'])))}):")
-        load_weights(raw, ckpt["ema"], ckpt["prefix"], prefix, log)
-    ema = copy.deepcopy(raw).requires_grad_(False)
-    if resuming:
-        ema.load_state_dict(ckpt["ema"])
-    log(f"{name}: {sum(p.numel() for p in raw.parameters()):,} parameters on {device}")
-    log(f"trainer: {cfg}\nmodel: {mcfg}" + (f"\nwrapper: {wcfg}" if wcfg else ""))
+            self.scaler.load_state_dict(ckpt["scaler"])
+        if "lr" in self.explicit["train"]:  # the optimizer's state holds the checkpoint's (maybe decayed) rate
+            self.log(f"--lr {self.cfg.lr:g} replaces the checkpoint's {self.optimizer.param_groups[0]['lr']:g}")
+            for g in self.optimizer.param_groups:
+                g["lr"] = self.cfg.lr
+        self.epoch, self.it, self.pos, self.best = ckpt["epoch"], ckpt["iter"], ckpt["pos"], ckpt["best_acc"]
+        self.rng, ranks = ckpt["rng"], ckpt.get("rng_ranks") or []
+        if self.world > 1 and len(ranks) == self.world:
+            self.rng = ranks[self.rank]  # each process continues its own dropout stream
+        elif self.world != len(ranks or [0]) and self.pos:
+            self.log(f"note: {path} was written by a run with another number of processes; the same batches "
+                     "follow, but dropout draws differ from an uninterrupted run until the epoch ends")
+        self.log(f"resuming {path}: epoch {self.epoch + 1}, batch {self.pos}, iteration {self.it}, "
+                 f"best val acc {self.best:.4f}")
 
-    if cfg.eval_only:
-        rec = evaluate(raw, val_loader, device, autocast)
-        log(f"val {show(rec)} ({rec['n']} questions)")
-        return rec
+    def start_dir(self):
+        """The run directory: the command line, full config, versions and git commit; then the model to run
+        (compiled, in DDP)."""
+        out = self.out
+        if self.rank == 0:
+            out.mkdir(parents=True, exist_ok=True)
+            record = run_info(self.argv, self.cfgs, self.model_name, self.wrapper_name, self.data_dir, self.info)
+            if self.resuming and (out / "run.json").exists():  # keep the first invocation, list the resumptions
+                first = json.loads((out / "run.json").read_text())
+                record = {**first, "resumed": first.get("resumed", []) + [record]}
+            (out / "run.json").write_text(json.dumps(record, indent=2) + "\n")
+            self.log(f"run directory {out}")
+        self.model = torch.compile(self.raw) if self.cfg.compile else self.raw
+        if self.ddp:  # find_unused_parameters: PG+EE, DACT and others leave some parameters out of some batches
+            self.model = torch.nn.parallel.DistributedDataParallel(
+                self.model, [self.device.index] if self.device.type == "cuda" else None, find_unused_parameters=True)
 
-    # run directory: the command line, full config, versions and git commit; then metrics and checkpoints
-    if rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
-        record = run_info(argv, cfgs, model_name, wrapper_name, data_dir, info)
-        if resuming and (out / "run.json").exists():  # keep the first invocation, list the resumptions
-            first = json.loads((out / "run.json").read_text())
-            record = {**first, "resumed": first.get("resumed", []) + [record]}
-        (out / "run.json").write_text(json.dumps(record, indent=2) + "\n")
-        log(f"run directory {out}")
-    model = torch.compile(raw) if cfg.compile else raw
-    if ddp:  # find_unused_parameters: PG+EE, DACT and others leave some parameters out of some batches
-        model = torch.nn.parallel.DistributedDataParallel(model, [device.index] if device.type == "cuda" else None,
-                                                          find_unused_parameters=True)
-
-    def write(rec):
-        if rank == 0:
-            with open(out / "metrics.jsonl", "a") as f:
+    def write(self, rec):
+        if self.rank == 0:
+            with open(self.out / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(rec) + "\n")
 
-    def checkpoint(rng, val_acc, is_best=False):
+    def checkpoint(self, rng, val_acc, is_best=False):
         """last.pt (the one before it kept as prev.pt) and, if is_best, best.pt; every rank's RNG state."""
-        rngs = [rng] * world
-        if ddp:
+        rngs = [rng] * self.world
+        if self.ddp:
             torch.distributed.all_gather_object(rngs, rng)
-        if rank == 0:
-            state = {"model_name": model_name, "wrapper_name": wrapper_name, "prefix": prefix,
-                     "config": {part: c and dataclasses.asdict(c) for part, c in cfgs.items()},
-                     "model": raw.state_dict(), "ema": ema.state_dict(), "optimizer": optimizer.state_dict(),
-                     "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "epoch": epoch,
-                     "arch_optimizer": arch_opt.state_dict() if arch_opt else None,
-                     "iter": it, "pos": pos, "best_acc": best, "val_acc": val_acc, "rng": rng,
-                     "rng_ranks": rngs if world > 1 else None, "vocab_hash": info["vocab_hash"],
-                     "data_dir": str(data_dir)}
-            save_checkpoint(out / "last.pt", state, keep="prev.pt")
+        if self.rank == 0:
+            state = {"model_name": self.model_name, "wrapper_name": self.wrapper_name, "prefix": self.prefix,
+                     "config": {part: c and dataclasses.asdict(c) for part, c in self.cfgs.items()},
+                     "model": self.raw.state_dict(), "ema": self.ema.state_dict(),
+                     "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                     "scaler": self.scaler.state_dict(), "epoch": self.epoch,
+                     "arch_optimizer": self.arch_opt.state_dict() if self.arch_opt else None,
+                     "iter": self.it, "pos": self.pos, "best_acc": self.best, "val_acc": val_acc, "rng": rng,
+                     "rng_ranks": rngs if self.world > 1 else None, "vocab_hash": self.info["vocab_hash"],
+                     "data_dir": str(self.data_dir)}
+            save_checkpoint(self.out / "last.pt", state, keep="prev.pt")
             if is_best:
-                save_checkpoint(out / "best.pt", state)
+                save_checkpoint(self.out / "best.pt", state)
 
-    n_batches = len(train_loader)
-    total_iters = max(cfg.epochs * n_batches, 1)  # --schedule cosine: over --epochs (not --iters, a stop)
-    train_time, train_questions, stop, last_val = 0.0, 0, bool(cfg.iters and it >= cfg.iters), None
-    while epoch < cfg.epochs and not stop:
-        train_loader.set_epoch(epoch, start=pos)
-        batches = iter(train_loader)  # (making it may draw from the global RNG, so seed after it)
-        if rng is not None and pos > 0:
-            set_rng_state(rng)  # resumed mid-epoch: continue the RNG streams exactly where they were
+    def loss(self, out, batch):
+        """The answer NLL (or the model's own "loss"), its "aux_loss", and its regularizer (training only)."""
+        loss = out["loss"] if "loss" in out else F.nll_loss(out["log_probs"].float(), batch["answer"],
+                                                            ignore_index=-100)
+        loss = loss + out.get("aux_loss", 0.0)
+        if hasattr(self.raw, "regularizer"):  # e.g. Stack-NMN's weight decay, a term of its training loss
+            loss = loss + self.raw.regularizer()
+        return loss
+
+    def step(self, batch, total_iters):
+        """One weight update (and the model's architecture step, if it has one) -> (out, loss, grad norm)."""
+        cfg, optimizer = self.cfg, self.optimizer
+        for m in self.with_progress:
+            m.progress = self.it / total_iters
+        with self.autocast:
+            out = self.model(batch)
+            loss = self.loss(out, batch)
+        loss_value = loss.item()
+        checked = all_ranks_mean(loss) if self.ddp else loss_value  # NaN on any process stops all of them
+        if not math.isfinite(checked):  # before the update: the weights and last.pt stay good
+            fail(f"the loss is {checked} at epoch {self.epoch + 1}, iteration {self.it + 1}; stopped before the "
+                 f"update. The last good checkpoint is {self.out / 'last.pt'} (written after each epoch and every "
+                 "--ckpt-every iterations); try a lower --lr or another --seed")
+        if cfg.schedule == "cosine":  # a function of the iteration alone, so --resume needs no state
+            for g in optimizer.param_groups:
+                g["lr"] = cfg.lr * 0.5 * (1 + math.cos(math.pi * min(self.it / total_iters, 1.0)))
+        optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()  # DDP averages the gradients over the processes here
+        self.scaler.unscale_(optimizer)  # (the scaler is a no-op unless --amp fp16)
+        gnorm = torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]],
+                                               cfg.clip if cfg.clip > 0 else math.inf)
+        self.scaler.step(optimizer)
+        self.scaler.update()
+        self.arch_step()
+        with torch.no_grad():  # EMA, with TF's num_updates warm-up so that short runs average trained weights
+            decay = min(cfg.ema, (1 + self.it) / (10 + self.it))
+            for e, p in zip(self.ema.parameters(), self.raw.parameters()):
+                e.lerp_(p, 1 - decay)
+            for e, b in zip(self.ema.buffers(), self.raw.buffers()):
+                e.copy_(b)
+        return out, loss_value, gnorm
+
+    def arch_step(self):
+        """The model's architecture step (LNMN: Algorithm 2's alpha update) on a batch of the held-out training
+        rows, drawn by (seed, iteration) so that --resume draws the same; skipped while no parameter of
+        arch_optimizer requires a gradient (LNMN's --arch-warmup)."""
+        if not (self.arch_opt and len(self.held_out)):
+            return
+        if not any(p.requires_grad for g in self.arch_opt.param_groups for p in g["params"]):
+            return
+        rng = np.random.default_rng([self.cfg.seed, self.it])
+        idx = rng.choice(self.held_out, min(self.cfg.batch_size, len(self.held_out)), False)
+        batch = self.train_loader.split.batch(np.sort(idx)[self.rank::self.world])
+        batch = {k: v.to(self.device) for k, v in batch.items()}
+        self.inner.arch_step(self.model, batch, self.arch_opt, self.autocast)
+
+    def train_epoch(self):
+        """The rest of the current epoch (all of it, unless resumed mid-epoch); False when --iters stops the run."""
+        cfg, log, loader = self.cfg, self.log, self.train_loader
+        n_batches, total_iters = len(loader), max(cfg.epochs * len(loader), 1)  # cosine: over --epochs
+        loader.set_epoch(self.epoch, start=self.pos)
+        batches = iter(loader)  # (making it may draw from the global RNG, so seed after it)
+        if self.rng is not None and self.pos > 0:
+            set_rng_state(self.rng)  # resumed mid-epoch: continue the RNG streams exactly where they were
         else:
-            seed_all(cfg.seed, epoch, rank)  # epoch e's dropout is a function of (seed, e), like its order
-        rng = None
-        model.train()
-        epoch_tally, tally, t0 = Tally(), Tally(), time.perf_counter()
+            seed_all(cfg.seed, self.epoch, self.rank)  # epoch e's dropout is a function of (seed, e), like its order
+        self.rng = None
+        self.model.train()
+        self.epoch_tally, tally, t0 = Tally(), Tally(), time.perf_counter()
         for batch in batches:
-            batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-            questions = len(batch["answer"]) * world  # the global batch (this process read 1/world of it)
-            for m in with_progress:
-                m.progress = it / total_iters
-            with autocast:
-                out_ = model(batch)
-                loss = out_["loss"] if "loss" in out_ else \
-                    F.nll_loss(out_["log_probs"].float(), batch["answer"], ignore_index=-100)
-                loss = loss + out_.get("aux_loss", 0.0)
-            loss_value = loss.item()
-            checked = all_ranks_mean(loss) if ddp else loss_value  # NaN on any process stops all of them
-            if not math.isfinite(checked):  # before the update: the weights and last.pt stay good
-                fail(f"the loss is {checked} at epoch {epoch + 1}, iteration {it + 1}; stopped before the "
-                     f"update. The last good checkpoint is {out / 'last.pt'} (written after each epoch and every "
-                     "--ckpt-every iterations); try a lower --lr or another --seed")
-            if cfg.schedule == "cosine":  # a function of the iteration alone, so --resume needs no state
-                for g in optimizer.param_groups:
-                    g["lr"] = cfg.lr * 0.5 * (1 + math.cos(math.pi * min(it / total_iters, 1.0)))
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()  # DDP averages the gradients over the processes here
-            scaler.unscale_(optimizer)  # (the scaler is a no-op unless --amp fp16)
-            gnorm = torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]],
-                                                   cfg.clip if cfg.clip > 0 else math.inf)
-            scaler.step(optimizer)
-            scaler.update()
-            arch_live = arch_opt and any(p.requires_grad for g in arch_opt.param_groups for p in g["params"])
-            if arch_live and len(held_out):  # first-order DARTS: the architecture on a held-out batch
-                idx = np.random.default_rng([cfg.seed, it]).choice(held_out, min(cfg.batch_size, len(held_out)), False)
-                ab = {k: v.to(device) for k, v in train_loader.split.batch(np.sort(idx)[rank::world]).items()}
-                with autocast:
-                    oa = model(ab)
-                    arch_loss = F.nll_loss(oa["log_probs"].float(), ab["answer"], ignore_index=-100) + oa["arch_loss"]
-                arch_opt.zero_grad(set_to_none=True)
-                arch_loss.backward()
-                arch_opt.step()
-            with torch.no_grad():  # EMA, with TF's num_updates warm-up so that short runs average trained weights
-                decay = min(cfg.ema, (1 + it) / (10 + it))
-                for e, p in zip(ema.parameters(), raw.parameters()):
-                    e.lerp_(p, 1 - decay)
-                for e, b in zip(ema.buffers(), raw.buffers()):
-                    e.copy_(b)
-            it, pos, train_questions = it + 1, pos + 1, train_questions + questions
-            tally.add(out_, batch, loss_value)
-            epoch_tally.add(out_, batch, loss_value)
-            if it % cfg.log_every == 0:
-                dt, s = time.perf_counter() - t0, tally.reduce(device).summary()
-                train_time, t0 = train_time + dt, time.perf_counter()
-                log(f"epoch {epoch + 1} iter {it} | loss {s['loss']:.4f} | acc {100 * (s['acc'] or 0):.1f}% | "
-                    f"{tally.rows / dt:.0f} q/s | lr {optimizer.param_groups[0]['lr']:.2e} | "
-                    f"grad norm {gnorm:.2f}"
-                    + "".join(f" | {k} {100 * v:.1f}%" for k, v in s.get("metrics", {}).items()))
+            batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+            out, loss_value, gnorm = self.step(batch, total_iters)
+            self.it, self.pos = self.it + 1, self.pos + 1
+            self.train_questions += len(batch["answer"]) * self.world  # the global batch
+            tally.add(out, batch, loss_value)
+            self.epoch_tally.add(out, batch, loss_value)
+            if self.it % cfg.log_every == 0:
+                dt, s = time.perf_counter() - t0, tally.reduce(self.device).summary()
+                self.train_time, t0 = self.train_time + dt, time.perf_counter()
+                log(f"epoch {self.epoch + 1} iter {self.it} | loss {s['loss']:.4f} | acc {100 * (s['acc'] or 0):.1f}% | "
+                    f"{tally.rows / dt:.0f} q/s | lr {self.optimizer.param_groups[0]['lr']:.2e} | "
+                    f"grad norm {gnorm:.2f}" + "".join(f" | {k} {100 * v:.1f}%" for k, v in s.get("metrics", {}).items()))
                 tally = Tally()
-            if cfg.iters and it >= cfg.iters:
-                stop = True
-                break
-            if cfg.ckpt_every and it % cfg.ckpt_every == 0 and pos < n_batches:  # the epoch's end writes its own
-                checkpoint(rng_state(), last_val)
-        train_time += time.perf_counter() - t0
+            if cfg.iters and self.it >= cfg.iters:
+                self.train_time += time.perf_counter() - t0
+                return False
+            if cfg.ckpt_every and self.it % cfg.ckpt_every == 0 and self.pos < n_batches:  # the epoch's end writes its own
+                self.checkpoint(rng_state(), self.last_val)
+        self.train_time += time.perf_counter() - t0
+        return True
 
-        # evaluate the EMA weights; the scheduler steps on whole epochs only; checkpoint
+    def end_epoch(self):
+        """Evaluate the EMA weights, step the scheduler (on whole epochs only), log, checkpoint."""
+        n_batches = len(self.train_loader)
         rng = rng_state()  # taken before evaluation: a resumed run continues from here
-        lr = optimizer.param_groups[0]["lr"]  # the rate this epoch trained at (its last iteration's), logged below
-        val = evaluate(ema, val_loader, device, autocast)
-        if pos >= n_batches:
-            if cfg.schedule == "plateau":
-                scheduler.step(val["acc"])
-            epoch, pos = epoch + 1, 0
-        epoch_f = round(epoch + pos / n_batches, 4) if pos else epoch  # fractional after an --iters stop
-        write({"split": "train", "epoch": epoch_f, "iter": it, **epoch_tally.reduce(device).summary(),
-               "lr": lr, "questions_per_s": train_questions / max(train_time, 1e-9)})
-        write({"split": "val", "epoch": epoch_f, "iter": it, **val})
-        log(f"val after epoch {epoch_f} (iter {it}): {show(val)}")
-        last_val, is_best, best = val["acc"], val["acc"] > best, max(best, val["acc"])
-        checkpoint(rng, val["acc"], is_best)
-        t0 = time.perf_counter()
+        lr = self.optimizer.param_groups[0]["lr"]  # the rate this epoch trained at (its last iteration's)
+        val = evaluate(self.ema, self.val_loader, self.device, self.autocast)
+        if self.pos >= n_batches:
+            if self.cfg.schedule == "plateau":
+                self.scheduler.step(val["acc"])
+            self.epoch, self.pos = self.epoch + 1, 0
+        epoch_f = round(self.epoch + self.pos / n_batches, 4) if self.pos else self.epoch  # fractional after --iters
+        self.write({"split": "train", "epoch": epoch_f, "iter": self.it,
+                    **self.epoch_tally.reduce(self.device).summary(),
+                    "lr": lr, "questions_per_s": self.train_questions / max(self.train_time, 1e-9)})
+        self.write({"split": "val", "epoch": epoch_f, "iter": self.it, **val})
+        self.log(f"val after epoch {epoch_f} (iter {self.it}): {show(val)}")
+        self.last_val, is_best, self.best = val["acc"], val["acc"] > self.best, max(self.best, val["acc"])
+        self.checkpoint(rng, val["acc"], is_best)
 
-    speed = train_questions / max(train_time, 1e-9)
-    if last_val is None:
-        log(f"nothing to train: {out} is at epoch {epoch} of {cfg.epochs}, iteration {it}")
-    else:
-        log(f"done: final val acc {100 * last_val:.2f}%, best {100 * best:.2f}%; average training "
-            f"throughput {speed:.0f} questions/s ({train_questions} questions)")
-    if ddp:
+    def train(self):
+        """Epochs until --epochs (or --iters); -> the run's summary."""
+        cfg = self.cfg
+        self.train_time, self.train_questions, self.last_val = 0.0, 0, None
+        stop = bool(cfg.iters and self.it >= cfg.iters)
+        while self.epoch < cfg.epochs and not stop:
+            stop = not self.train_epoch()
+            self.end_epoch()
+        speed = self.train_questions / max(self.train_time, 1e-9)
+        if self.last_val is None:
+            self.log(f"nothing to train: {self.out} is at epoch {self.epoch} of {cfg.epochs}, iteration {self.it}")
+        else:
+            self.log(f"done: final val acc {100 * self.last_val:.2f}%, best {100 * self.best:.2f}%; average "
+                     f"training throughput {speed:.0f} questions/s ({self.train_questions} questions)")
+        return {"final_acc": self.last_val, "best_acc": self.best, "questions_per_s": speed, "out": str(self.out)}
+
+
+def run(argv, model_name, wrapper_name, model_mod, wrapper_mod, explicit):
+    r = Run(argv, model_name, wrapper_name, model_mod, wrapper_mod, explicit)
+    if r.cfg.eval_only:
+        rec = evaluate(r.raw, r.val_loader, r.device, r.autocast)
+        r.log(f"val {show(rec)} ({rec['n']} questions)")
+        return rec
+    r.start_dir()
+    result = r.train()
+    if r.ddp:
         torch.distributed.destroy_process_group()
-    return {"final_acc": last_val, "best_acc": best, "questions_per_s": speed, "out": str(out)}
+    return result
 
 
 if __name__ == "__main__":
