@@ -1,12 +1,14 @@
 """MAC network: a recurrent cell that reasons over an image in T attention steps.
 
 Paper: D. A. Hudson, C. D. Manning, "Compositional Attention Networks for Machine Reasoning",
-ICLR 2018, arXiv:1803.03067. Official code: stanfordnlp/mac-network (TensorFlow).
+ICLR 2018, arXiv:1803.03067. Official code: stanfordnlp/mac-network (TensorFlow); the PyTorch port
+closest to it: ceyzaguirre4/mac-network-pytorch (the base of the DACT code).
 
 This file holds the input unit (image stem + BiLSTM question encoder), the MAC cell's control,
 read and write units, the output classifier, and the `MAC` model that exposes the step protocol
 (encode / init_state / step / classify / halt_input) that act.py and dact.py wrap.
-Equation numbers follow the arXiv version of the paper.
+Equation numbers follow the arXiv version of the paper (Sec. 3: control (1)-(3), read (4)-(6),
+write (7)-(9)); each tag sits on the line that implements the equation.
 
 Shapes:
     B  batch               L  question tokens (incl. <START>/<END>, padded with 0)
@@ -38,8 +40,8 @@ class MACConfig:
     object_boxes: bool = False             # NOTE (deviation): GQA: append each object's box to its features
 
 
-# Smaller sizes for a ~15-minute CPU run on the built-in mini-CLEVR (not from the paper; measured in
-# the README). Keys that are not MACConfig fields set the trainer.
+# Smaller sizes for a CPU run on the built-in mini-CLEVR (not from the paper; its time and accuracy are
+# in RESULTS.md). Keys that are not MACConfig fields set the trainer.
 PRESETS = {
     "laptop": dict(dim=64, embed_dim=64, pixel_channels=(32, 64, 64),
                    stem_dropout=0.0, question_dropout=0.0, memory_dropout=0.0, output_dropout=0.0,
@@ -147,7 +149,8 @@ class InputUnit(nn.Module):
             k = k.flatten(2).transpose(1, 2).contiguous()                # (B, K, D), rows contiguous
         L = question.size(1)
         lens = question_len.clamp(min=1).cpu()
-        packed = pack_padded_sequence(self.embed(question), lens, batch_first=True, enforce_sorted=False)
+        words = self.embed(question)                                     # (B, L, E)
+        packed = pack_padded_sequence(words, lens, batch_first=True, enforce_sorted=False)
         out, (h, _) = self.lstm(packed)                                  # h: (2, B, D/2)
         cw, _ = pad_packed_sequence(out, batch_first=True, total_length=L)  # (B, L, D), 0 at pads
         q = self.q_drop(torch.cat([h[0], h[1]], dim=-1))                 # (B, D) [h_fw_last; h_bw_first]
@@ -183,26 +186,28 @@ class ReadUnit(nn.Module):
 
     def __init__(self, dim):
         super().__init__()
-        self.mem_proj = nn.Linear(dim, dim)
-        self.kb_proj = nn.Linear(dim, dim)                               # applied once, in precompute
-        self.concat = nn.Linear(2 * dim, dim)
+        self.mem_proj = nn.Linear(dim, dim)                              # W_m, Eq. (4)
+        self.kb_proj = nn.Linear(dim, dim)                               # W_k, Eq. (4), applied in precompute
+        self.concat = nn.Linear(2 * dim, dim)                            # W, Eq. (5)
         self.concat2 = nn.Linear(dim, dim)                               # official code: ELU + 2nd layer
         self.attn = nn.Linear(dim, 1)
 
     def precompute(self, k):
-        """The step-independent part: W_k k, and the half of Eq. (5)'s W [I; W_k k] that acts on
-        W_k k (computing it once instead of every step gives the same numbers, faster)."""
+        """The step-independent part: W_k k, and the half of Eq. (5)'s W [I; W_k k] + b that acts on
+        W_k k, bias included (computed once instead of at every step; equal up to float rounding)."""
         k_proj = self.kb_proj(k)                                         # (B, K, D)
         D = k_proj.size(-1)
         return k_proj, F.linear(k_proj, self.concat.weight[:, D:], self.concat.bias)  # (B, K, D)
 
     def forward(self, m_prev, k, k_proj, k_half, c_i, k_mask=None):
         I = self.mem_proj(m_prev)[:, None] * k_proj                      # (B, K, D) Eq. (4)
-        # official code: concatenates the projected k (the paper writes the raw k_{h,w});
-        # W [I; W_k k] = W_I I + (W_k-half, precomputed in k_half)
+        # official code: concatenates the projected k (the paper writes the raw k_{h,w}). Computed as
+        # W's I-half on I plus k_half (W's other half on W_k k, plus b: precomputed once per image);
+        # tests/test_mac.py checks this equals self.concat(torch.cat([I, k_proj], -1)).
+        # Eq. (5): I' = W [I; W_k k] + b
         I = F.linear(I, self.concat.weight[:, :I.size(-1)]) + k_half     # (B, K, D) Eq. (5)
-        I = self.concat2(F.elu(I))                                       # (B, K, D)
-        ra = self.attn(F.elu(I * c_i[:, None])).squeeze(-1)              # (B, K) Eq. (6a)
+        I = self.concat2(F.elu(I))                                       # (B, K, D) official code
+        ra = self.attn(F.elu(I * c_i[:, None])).squeeze(-1)              # (B, K) Eq. (6a) with the code's ELU
         if k_mask is not None:                                           # GQA: padded objects get no weight
             ra = ra.masked_fill(~k_mask, float("-inf"))
         rv = ra.softmax(dim=-1)                                          # (B, K) Eq. (6b)

@@ -1,4 +1,5 @@
-"""Tests for mac.py: shapes, gradients, the padding mask, the step protocol, overfitting (CPU, seconds)."""
+"""Tests for mac.py: shapes, gradients, the padding mask, the step protocol, the fast form of Eq. (5),
+overfitting (CPU, seconds)."""
 import dataclasses
 import os
 import sys
@@ -182,3 +183,39 @@ def test_overfits_one_small_batch():
         if loss.item() < 0.1 * losses[0]:
             break
     assert losses[-1] < 0.1 * losses[0], f"loss {losses[0]:.3f} -> {losses[-1]:.3f} in {len(losses)} steps"
+
+
+def test_read_unit_fast_eq5_equals_the_literal_concatenation():
+    """Eq. (5), I' = W [I; W_k k] + b: the read unit splits W and precomputes its W_k k half once per
+    image; values and gradients must equal those of the literal self.concat(torch.cat([I, k_proj], -1))."""
+    torch.manual_seed(0)
+    read = make_model().read
+    B, K, D = 3, 5, 16
+    inputs = [torch.randn(B, D), torch.randn(B, K, D), torch.randn(B, D)]  # m_prev, k, c_i
+    k_mask = torch.tensor([[True] * K, [True, True, False, False, False], [True] * 4 + [False]])
+
+    def literal(m_prev, k, c_i):
+        k_proj = read.kb_proj(k)                                          # (B, K, D)
+        I = read.mem_proj(m_prev)[:, None] * k_proj                       # Eq. (4)
+        I = read.concat(torch.cat([I, k_proj], -1))                       # Eq. (5), as written
+        ra = read.attn(F.elu(read.concat2(F.elu(I)) * c_i[:, None])).squeeze(-1)
+        rv = ra.masked_fill(~k_mask, float("-inf")).softmax(-1)           # (B, K)
+        return (rv[..., None] * k).sum(1), rv
+
+    def fast(m_prev, k, c_i):
+        k_proj, k_half = read.precompute(k)
+        return read(m_prev, k, k_proj, k_half, c_i, k_mask)
+
+    results = []
+    for f in (fast, literal):
+        xs = [x.clone().requires_grad_() for x in inputs]
+        r_i, rv = f(*xs)
+        wanted = [*xs, *read.parameters()]
+        grads = torch.autograd.grad((r_i * torch.arange(D)).sum() + (rv * torch.arange(K)).sum(), wanted)
+        results.append((r_i, rv, grads))
+    (r_a, rv_a, g_a), (r_b, rv_b, g_b) = results
+    assert torch.allclose(r_a, r_b, atol=1e-6) and torch.allclose(rv_a, rv_b, atol=1e-6)
+    assert (rv_a[~k_mask] == 0).all()
+    names = ["m_prev", "k", "c_i"] + [n for n, _ in read.named_parameters()]
+    for name, a, b in zip(names, g_a, g_b):
+        assert torch.allclose(a, b, atol=1e-5, rtol=1e-5), name
