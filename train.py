@@ -37,7 +37,6 @@ import copy
 import dataclasses
 import datetime
 import importlib
-import importlib.util
 import inspect
 import json
 import math
@@ -144,20 +143,9 @@ def fmt(v):
     return " ".join(map(str, v)) if isinstance(v, (tuple, list)) else str(v)
 
 
-def import_part(kind, name, registry, parser):
-    try:
-        return importlib.import_module(registry[name])
-    except ModuleNotFoundError as e:
-        if e.name != registry[name]:
-            raise  # the module exists but one of its imports is missing: show that
-        parser.error(f"{kind} '{name}' is not implemented yet ({registry[name]}.py does not exist)")
-
-
 def parse_args(argv):
     """-> (model name, wrapper name or None, model module, wrapper module, {part: {field: value}})."""
-    avail = lambda reg: ", ".join(n + ("" if importlib.util.find_spec(m) else " (not implemented yet)")
-                                  for n, m in reg.items())
-    listing = (f"models:   {avail(MODELS)}\nwrappers: {avail(WRAPPERS)}\n"
+    listing = (f"models:   {', '.join(MODELS)}\nwrappers: {', '.join(WRAPPERS)}\n"
                "run `python train.py MODEL -h` for the common flags and the model's flags")
     top = argparse.ArgumentParser(prog="train.py", description=__doc__.split("\n")[0], epilog=listing,
                                   formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -167,9 +155,9 @@ def parse_args(argv):
         top.parse_args(argv)  # prints the help, or the error, and exits
         top.error("put the model first: train.py MODEL [WRAPPER] [flags]")
     model_name = argv[0]
-    model_mod = import_part("model", model_name, MODELS, top)
+    model_mod = importlib.import_module(MODELS[model_name])
     wrapper_name = argv[1] if len(argv) > 1 and argv[1] in WRAPPERS else None
-    wrapper_mod = wrapper_name and import_part("wrapper", wrapper_name, WRAPPERS, top)
+    wrapper_mod = wrapper_name and importlib.import_module(WRAPPERS[wrapper_name])
     presets = getattr(model_mod, "PRESETS", {})
 
     p = argparse.ArgumentParser(prog="train.py", usage=f"train.py {model_name} [WRAPPER] [flags]",

@@ -16,6 +16,8 @@ import torch
 import data
 import train
 
+pytestmark = pytest.mark.robustness  # faults, kills and torchrun: `pytest -m "not robustness"` skips them
+
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--dim", "16", "--embed-dim", "8", "--max-steps", "2", "--pixel-channels", "8", "8",
         "--batch-size", "16", "--log-every", "5", "--threads", "1"]
