@@ -5,11 +5,11 @@ Paper: J. Johnson, B. Hariharan, L. van der Maaten, J. Hoffman, L. Fei-Fei, C. L
 "Inferring and Executing Programs for Visual Reasoning", ICCV 2017, arXiv:1705.03633.
 Official code: facebookresearch/clevr-iep.
 
-This file holds the program generator (seq2seq LSTM, Sec. 3.1), the execution engine (stem, a module
-bank with one residual module per program token, classifier, Sec. 3.2; run by topo_exec.py, batched
-by (height, module), by the agenda schedule or by height, or per example as clevr-iep), REINFORCE with
-a moving-average baseline (Sec. 3.3), and `PGEE`, the model that the trainer runs in one of the paper's
-three stages (Sec. 4.1):
+This file holds, in the paper's order, the program generator (seq2seq LSTM, Sec. 3.1), the execution
+engine (stem, a module bank with one residual module per program token, classifier, Sec. 3.2; run by
+topo_exec.py, batched by (height, module) as in papers/fast-clevr-topological-batching.md, or per
+example as clevr-iep's recursion), REINFORCE with a moving-average baseline (Sec. 3.3), and `PGEE`,
+the model that the trainer runs in one of the paper's three training stages (Sec. 4.1):
 
     python train.py pg_ee --stage ee                                  # EE on ground-truth programs
     python train.py pg_ee --stage pg --num-programs 5000 --init EE    # PG on 5,000 programs (EE kept)
@@ -45,8 +45,11 @@ SUBSET_STREAM = 0x9E3779B9  # any constant that no epoch number reaches: tags th
 class PGEEConfig:
     stage: Literal["pg", "ee", "joint"] = "ee"  # Sec. 4.1: pg / ee on ground-truth programs; joint: REINFORCE
     num_programs: int = 0  # Sec. 4.1: pg stage on a seeded random subset of N ground-truth programs (0: all)
-    program_seed: int = 0  # which N programs: a seeded random subset, not the first N
-    exec: Literal["topo", "agenda", "level", "naive"] = "topo"  # EE executor (topo_exec.EXECUTORS)
+    program_seed: int = 0  # NOTE (deviation): which N programs: a seeded random subset, not the first N
+    # topo: topo_exec.run_topo, the topological-batching paper; naive: topo_exec.run_naive, clevr-iep's
+    # recursion; the same answers. topo_exec.py's other schedules (postorder, agenda, level) are benchmark
+    # variants, compared in its benchmark, not model settings.
+    exec: Literal["topo", "naive"] = "topo"  # EE executor: by (height, module) (topo) or per example (naive)
     embed_dim: int = 300  # clevr-iep: word and program-token embeddings (wordvec_dim)
     hidden_dim: int = 256  # clevr-iep: LSTM hidden size (rnn_hidden_dim)
     rnn_layers: int = 2  # clevr-iep: 2-layer encoder and decoder LSTMs
@@ -57,12 +60,11 @@ class PGEEConfig:
     reward_decay: float = 0.9  # clevr-iep: moving-average baseline b <- 0.9 b + 0.1 mean(reward)
 
 
-# Smaller sizes for one CPU thread on the built-in mini-CLEVR: an EE step on a batch of 64 takes about
-# 90 ms (module_dim 32), so an epoch of the 100K built-in questions about 140 s. Not from the paper. The EE
-# gets 90.9% val on the default 5,000 training images and 95.9% on 20,000 (`data.py generate
-# --train-images 20000`; README). Keys that are not PGEEConfig fields set the trainer; lr 5e-4 and batch
-# 64 are the IEP paper's (Sec. 4.1) but print as "(paper 0.0001)": the trainer's defaults are MAC's.
-# The joint stage needs --lr 1e-5 here: at 5e-4 Adam's steps wreck the PG within a few hundred iterations (README).
+# Smaller sizes for one CPU thread on the built-in mini-CLEVR, not from the paper (time per step and
+# accuracy, also with more training images, in RESULTS.md). Keys that are not PGEEConfig fields set the
+# trainer; lr 5e-4 and batch 64 are the IEP paper's (Sec. 4.1) but print as "(paper 0.0001)": the
+# trainer's defaults are MAC's. The joint stage needs --lr 1e-5 here: at 5e-4 Adam's steps wreck the PG
+# (RESULTS.md).
 PRESETS = {
     "laptop": dict(embed_dim=64, hidden_dim=128, module_dim=32, classifier_proj_dim=64, classifier_fc_dim=256,
                    lr=5e-4, batch_size=64, epochs=7, lr_patience=2, threads=1),
@@ -96,7 +98,8 @@ class ProgramGenerator(nn.Module):
 
     def step_logits(self, enc, tokens, state=None):
         """enc (B, D), previous tokens (B, T) -> logits of the next ones (B, T, V), LSTM state."""
-        x = torch.cat([enc[:, None].expand(-1, tokens.size(1), -1), self.decoder_embed(tokens)], -1)  # (B, T, D + E)
+        enc_t = enc[:, None].expand(-1, tokens.size(1), -1)              # (B, T, D) at every step
+        x = torch.cat([enc_t, self.decoder_embed(tokens)], -1)           # (B, T, D + E)
         h, state = self.decoder(x, state)                                # (B, T, D)
         return self.out(h).masked_fill(self.banned, float("-inf")), state  # (B, T, V)
 
@@ -106,7 +109,8 @@ class ProgramGenerator(nn.Module):
 
     def decode(self, enc, max_len, sample):
         """Greedy (sample=False) or sampled programs, prefix tokens after <START>:
-        -> tokens (B, T) (rows that ended keep sampling; what follows <END> is ignored downstream), logits (B, T, V)."""
+        -> tokens (B, T) (rows that ended keep sampling; what follows <END> is ignored downstream),
+        logits (B, T, V)."""
         token = torch.full((len(enc),), START, dtype=torch.long, device=enc.device)  # (B,)
         done = torch.zeros_like(token, dtype=torch.bool)
         tokens, logits, state = [], [], None
@@ -123,7 +127,7 @@ class ProgramGenerator(nn.Module):
 
 def after_end(tokens):
     """(B, T) tokens -> (B, T) bool: True strictly after each row's first <END>."""
-    ended = (tokens == END).long().cumsum(1)                             # (B, T) <END>s so far, this one included
+    ended = (tokens == END).long().cumsum(1)                             # (B, T) <END>s so far, this one too
     return (ended - (tokens == END).long()) > 0
 
 
@@ -147,6 +151,9 @@ class ExecutionEngine(nn.Module):
         super().__init__()
         C_in, H, W = info["image_shape"]
         C = cfg.module_dim
+        if cfg.exec not in ("topo", "naive"):
+            raise ValueError(f"exec {cfg.exec!r}: the model runs 'topo' or 'naive'; the other schedules of "
+                             "topo_exec.py are benchmark variants")
         self.exec = cfg.exec
         self.stem = nn.Sequential(nn.Conv2d(C_in, C, 3, padding=1), nn.ReLU(),   # Sec. 3.2: 2 x (conv3x3, ReLU)
                                   nn.Conv2d(C, C, 3, padding=1), nn.ReLU())
@@ -161,9 +168,11 @@ class ExecutionEngine(nn.Module):
     def forward(self, image, programs):
         """image (B, C_in, H, W), programs: B prefix token lists -> answer logits (B, A)."""
         feats = self.stem(image)                                         # (B, C, H, W)
-        schedule, run = topo_exec.EXECUTORS[self.exec]                   # naive: no plan, one call per node
-        plan = topo_exec.make_plan(programs, self.bank, schedule, feats.device) if schedule else None
-        roots = run(plan, programs, self.bank, feats)                    # (B, C, H, W)
+        if self.exec == "naive":                                         # clevr-iep: one call per node
+            roots = topo_exec.run_naive(programs, self.bank, feats)      # (B, C, H, W)
+        else:                                                            # one call per (height, module)
+            plan = topo_exec.make_plan(programs, self.bank, "height", feats.device)
+            roots = topo_exec.run_topo(plan, self.bank, feats)           # (B, C, H, W)
         return self.classifier(roots)                                    # (B, A)
 
 
@@ -171,14 +180,15 @@ class ExecutionEngine(nn.Module):
 
 def reinforce_loss(logits, tokens, advantage):
     """Surrogate whose gradient is REINFORCE's: -mean_b advantage_b * sum_t log p(token_bt), over the
-    tokens up to and including each program's <END> (the original also counted the tokens sampled
-    after it). logits (B, T, V), tokens (B, T), advantage (B,) reward - baseline, no gradient."""
+    tokens up to and including each program's <END>. logits (B, T, V), tokens (B, T), advantage (B,)
+    reward - baseline, no gradient."""
     log_p = Categorical(logits=logits).log_prob(tokens)                  # (B, T)
-    log_p = log_p.masked_fill(after_end(tokens), 0.0)                    # tokens after <END>: no action
+    # NOTE (deviation): tokens sampled after <END> are no actions; clevr-iep counted them too
+    log_p = log_p.masked_fill(after_end(tokens), 0.0)                    # (B, T)
     return -(advantage.detach() * log_p.sum(1)).mean()
 
 
-# ----------------------------------------------------------------------------- the model
+# ------------------------------------------------------------------------- the model and its stages (Sec. 4.1)
 
 class PGEE(nn.Module):
     """The program generator and the execution engine, trained in the stage cfg.stage."""

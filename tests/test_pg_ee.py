@@ -1,6 +1,7 @@
 """Tests for pg_ee.py: REINFORCE ignores what follows <END>, the PG overfits a batch, topological and
-per-example execution answer alike, the three stages run through train.py, the seeded program subset
-(CPU, seconds). Prefix <-> tree round trips of generated programs are in test_data.py."""
+per-example execution answer alike (and exec offers only those two), the three stages run through
+train.py, the seeded program subset (CPU, seconds). Prefix <-> tree round trips of generated programs
+are in test_data.py."""
 import json
 from pathlib import Path
 
@@ -11,6 +12,7 @@ import torch.nn.functional as F
 
 import data
 import pg_ee
+import topo_exec
 import train
 from pg_ee import END, NULL, START
 
@@ -169,19 +171,46 @@ def test_program_subset_is_not_the_head_of_the_trainers_first_epoch(info):
 # ----------------------------------------------------------------------------------------------------
 # Execution engine
 
+def execute_with_schedule(m, image, program, schedule):
+    """m's EE with one of topo_exec.py's benchmark schedules in place of its own executor."""
+    programs, bank = topo_exec.decode(program, m.idx_to_token), m.ee.bank
+    feats = m.ee.stem(image)                                             # (B, C, H, W)
+    if schedule == "level":                                              # one call per (height, architecture)
+        roots = topo_exec.run_level(topo_exec.make_plan(programs, bank, "height"), bank, feats)
+    else:                                                                # agenda: one module per level
+        roots = topo_exec.run_topo(topo_exec.make_plan(programs, bank, "agenda"), bank, feats)
+    return m.ee.classifier(roots).log_softmax(-1)                        # (B, A)
+
+
 @pytest.mark.parametrize("batched", ["topo", "agenda", "level"])
 def test_batched_and_naive_execution_give_the_same_answers(info, batch, batched):
-    topo = model(info, stage="ee", exec=batched).double()
+    # the model's exec is topo or naive; agenda and level, topo_exec.py's benchmark schedules, run the
+    # same EE's modules here, so that every schedule is checked against the per-example recursion
+    topo = model(info, stage="ee", exec="topo").double()
     naive = model(info, stage="ee", exec="naive").double()
     naive.load_state_dict(topo.state_dict())
     image = batch["image"].double().requires_grad_()
-    a, b = topo.execute(image, batch["program"]), naive.execute(image, batch["program"])
+    if batched == "topo":
+        a = topo.execute(image, batch["program"])
+    else:
+        a = execute_with_schedule(topo, image, batch["program"], batched)
+    b = naive.execute(image, batch["program"])
     assert torch.allclose(a, b, atol=1e-10) and (a.argmax(1) == b.argmax(1)).all()
     ga = torch.autograd.grad(a[:, 0].sum(), [image, *topo.parameters()], allow_unused=True)
     gb = torch.autograd.grad(b[:, 0].sum(), [image, *naive.parameters()], allow_unused=True)
     zero = lambda g, p: torch.zeros_like(p) if g is None else g          # level: unused modules get zeros
     params = [image, *topo.parameters()]
     assert all(torch.allclose(zero(x, p), zero(y, p), atol=1e-10) for x, y, p in zip(ga, gb, params))
+
+
+def test_exec_is_topo_or_naive(info, tiny_data, tmp_path):
+    assert pg_ee.PGEEConfig().exec == "topo"
+    for schedule in ("agenda", "level", "postorder"):                    # benchmark schedules, not settings
+        with pytest.raises(ValueError, match="benchmark"):
+            model(info, stage="ee", exec=schedule)
+    with pytest.raises(SystemExit):
+        train.main(["pg_ee", "--exec", "agenda", "--iters", "1", "--data", str(tiny_data),
+                    "--out", str(tmp_path / "run"), *TINY_FLAGS])
 
 
 def test_classifier_is_sized_to_the_input_resolution(info):
