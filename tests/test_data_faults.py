@@ -1,5 +1,5 @@
-"""data.py and train.py on hostile inputs: malformed questions JSON, unknown program functions, missing
-images, h5 files of the wrong shape or dtype, a vocabulary from elsewhere. Each must give one DataError
+"""data.py, prepare.py and train.py on hostile inputs: malformed questions JSON, unknown program functions,
+missing images, h5 files of the wrong shape or dtype, a vocabulary from elsewhere. Each must give one DataError
 (one `error: ...` line from train.py) that names the file; fuzzed JSON and programs give nothing else.
 """
 import json
@@ -14,6 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import data
+import prepare
 import train
 
 QUIET = dict(log=lambda *a, **k: None)
@@ -34,7 +35,7 @@ def prepare_questions(root, questions, **kw):
     path.write_text(json.dumps({"questions": questions}) if not isinstance(questions, str) else questions)
     kw.setdefault("images", "features")
     kw.setdefault("features_dir", root / "no-features")
-    return data.prepare(root, root / "out", **kw, **QUIET)
+    return prepare.prepare_clevr(root, root / "out", **kw, **QUIET)
 
 
 def error_of(argv):
@@ -228,5 +229,5 @@ def test_fuzz_questions_json_through_prepare(raw):
         (root / "questions").mkdir()
         (root / "questions" / "CLEVR_train_questions.json").write_bytes(raw)
         with pytest.raises(data.DataError) as e:  # valid questions end at the missing feature file
-            data.prepare(root, root / "out", images="features", features_dir=root / "none", **QUIET)
+            prepare.prepare_clevr(root, root / "out", images="features", features_dir=root / "none", **QUIET)
         assert "CLEVR_train_questions.json" in str(e.value) or "none/train_features.h5: no such feature file" in str(e.value)

@@ -1,4 +1,4 @@
-"""Tests for the real-dataset paths of data.py (CLEVR features, CLEVR-Humans, GQA) and for MAC / DACT on
+"""Tests for the real-dataset paths of prepare.py (CLEVR features, CLEVR-Humans, GQA) and for MAC / DACT on
 GQA's object features. Nothing is downloaded: every fixture is written here, small, in the real format
 (480 x 320 RGBA PNGs in CLEVR_v1.0's layout, CLEVR-Humans JSON, GQA's question JSON and object h5 files),
 and a small stand-in network takes ResNet-101's place (torchvision and Pillow are not needed).
@@ -17,6 +17,7 @@ import torch
 import dact
 import data
 import mac
+import prepare
 import train
 
 QUIET = dict(log=lambda *a, **k: None)
@@ -38,7 +39,7 @@ def write_rgba_png(path, rgba):
 
 
 def read_png(path):
-    """Reads the PNGs above (filter 0 only): the stand-in for Pillow that data.extract_features injects."""
+    """Reads the PNGs above (filter 0 only): the stand-in for Pillow that prepare.extract_features injects."""
     buf, pos, idat = Path(path).read_bytes(), 8, b""
     while pos < len(buf):
         n, tag = struct.unpack(">I4s", buf[pos:pos + 8])
@@ -96,8 +97,8 @@ def clevr(tmp_path):
     return root
 
 
-def features_of(paths, std=data.IMAGENET_STD):
-    x = torch.stack([data.preprocess_image(read_png(p), 224, data.IMAGENET_MEAN, std) for p in paths])
+def features_of(paths, std=prepare.IMAGENET_STD):
+    x = torch.stack([prepare.preprocess_image(read_png(p), 224, prepare.IMAGENET_MEAN, std) for p in paths])
     with torch.no_grad():
         return stand_in()(x).numpy()
 
@@ -107,14 +108,14 @@ def features_of(paths, std=data.IMAGENET_STD):
 
 def test_features_are_the_backbone_on_preprocessed_images_and_prepare_reads_them(clevr, tmp_path):
     out = tmp_path / "feats"
-    data.extract_clevr_features(clevr, out, backbone=stand_in(), batch_size=3, read_image=read_png, **QUIET)
-    files = data.clevr_image_files(clevr, "train")
+    prepare.extract_clevr_features(clevr, out, backbone=stand_in(), batch_size=3, read_image=read_png, **QUIET)
+    files = prepare.clevr_image_files(clevr, "train")
     with h5py.File(out / "train_features.h5") as f:
         feats = f["features"][:]
         assert feats.shape == (7, 1024, 14, 14) and feats.dtype == np.float32 and f.attrs["done"] == 7
     np.testing.assert_allclose(feats, features_of(files), rtol=1e-5, atol=1e-5)  # row i = image i
     assert not list(out.glob("*.partial"))
-    prep = data.prepare(clevr, tmp_path / "prep", images="features", features_dir=out, **QUIET)
+    prep = prepare.prepare_clevr(clevr, tmp_path / "prep", images="features", features_dir=out, **QUIET)
     batch = next(iter(data.make_loader(prep, "train", 8, shuffle=False)))
     np.testing.assert_array_equal(batch["image"].numpy(), feats[batch["image_index"].numpy()])
     assert batch["image_index"].tolist() == [6, 5, 4, 3, 2, 1, 0]
@@ -122,58 +123,58 @@ def test_features_are_the_backbone_on_preprocessed_images_and_prepare_reads_them
 
 def test_preprocessing_uses_imagenet_mean_and_std_or_clevr_iep_typo():
     rgba = np.full((320, 480, 4), 200, np.uint8)  # a uniform image: the resize keeps 200
-    good = data.preprocess_image(rgba, 224, data.IMAGENET_MEAN, data.IMAGENET_STD)
-    typo = data.preprocess_image(rgba, 224, data.IMAGENET_MEAN, data.CLEVR_IEP_STD)
+    good = prepare.preprocess_image(rgba, 224, prepare.IMAGENET_MEAN, prepare.IMAGENET_STD)
+    typo = prepare.preprocess_image(rgba, 224, prepare.IMAGENET_MEAN, prepare.CLEVR_IEP_STD)
     assert good.shape == (3, 224, 224)
-    expect = [(200 / 255 - m) / s for m, s in zip(data.IMAGENET_MEAN, data.IMAGENET_STD)]
+    expect = [(200 / 255 - m) / s for m, s in zip(prepare.IMAGENET_MEAN, prepare.IMAGENET_STD)]
     assert torch.allclose(good[:, 0, 0], torch.tensor(expect), atol=1e-5)
     assert torch.equal(good[:2], typo[:2]) and torch.allclose(typo[2] * 0.224, good[2] * 0.225)
 
 
 def test_extraction_resumes_where_it_was_interrupted(clevr, tmp_path):
-    files = data.clevr_image_files(clevr, "train")
+    files = prepare.clevr_image_files(clevr, "train")
     ref = features_of(files)
     out = tmp_path / "train_features.h5"
     with pytest.raises(KeyboardInterrupt):  # Ctrl-C during the second batch of three
-        data.extract_features(files, out, Interrupt(at=2), batch_size=3, read_image=read_png, **QUIET)
+        prepare.extract_features(files, out, Interrupt(at=2), batch_size=3, read_image=read_png, **QUIET)
     partial = tmp_path / "train_features.h5.partial"
     assert not out.exists() and partial.exists()
     with h5py.File(partial) as f:
         assert f.attrs["done"] == 3
     reads = []
-    data.extract_features(files, out, stand_in(), batch_size=3, read_image=lambda p: reads.append(p) or read_png(p),
+    prepare.extract_features(files, out, stand_in(), batch_size=3, read_image=lambda p: reads.append(p) or read_png(p),
                           **QUIET)
     assert [Path(p).name for p in reads] == [p.name for p in files[3:]]  # the first batch is not redone
     assert out.exists() and not partial.exists()
     with h5py.File(out) as f:
         np.testing.assert_allclose(f["features"][:], ref, rtol=1e-5, atol=1e-5)
     logs = []
-    data.extract_features(files, out, stand_in(), read_image=read_png, log=logs.append)  # done: nothing to do
+    prepare.extract_features(files, out, stand_in(), read_image=read_png, log=logs.append)  # done: nothing to do
     assert "skipped" in logs[0]
 
 
 def test_a_partial_file_of_other_settings_is_refused(clevr, tmp_path):
-    files = data.clevr_image_files(clevr, "train")
+    files = prepare.clevr_image_files(clevr, "train")
     out = tmp_path / "train_features.h5"
     with pytest.raises(KeyboardInterrupt):
-        data.extract_features(files, out, Interrupt(at=2), batch_size=3, read_image=read_png, **QUIET)
+        prepare.extract_features(files, out, Interrupt(at=2), batch_size=3, read_image=read_png, **QUIET)
     with pytest.raises(data.DataError, match=r"other settings \(std differ\); delete it"):
-        data.extract_features(files, out, stand_in(), std=data.CLEVR_IEP_STD, read_image=read_png, **QUIET)
+        prepare.extract_features(files, out, stand_in(), std=prepare.CLEVR_IEP_STD, read_image=read_png, **QUIET)
 
 
 def test_cli_fewer_images_than_a_batch_float16_typo_std_and_progress(clevr, tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(data, "resnet101_layer3", stand_in)  # what `features` builds without torchvision
-    monkeypatch.setattr(data, "read_rgb", read_png)
+    monkeypatch.setattr(prepare, "resnet101_layer3", stand_in)  # what `features` builds without torchvision
+    monkeypatch.setattr(prepare, "read_rgb", read_png)
     out = tmp_path / "feats"
-    data.main(["features", str(clevr), "--out", str(out), "--splits", "val", "--batch-size", "8", "--float16",
+    prepare.main(["features", str(clevr), "--out", str(out), "--splits", "val", "--batch-size", "8", "--float16",
                "--clevr-iep-std", "--device", "cpu", "--workers", "2"])
     printed = capsys.readouterr().out
     assert "ETA" in printed and "2/2 images" in printed and "--features-dir" in printed
     with h5py.File(out / "val_features.h5") as f:
         assert f["features"].shape == (2, 1024, 14, 14) and f["features"].dtype == np.float16
-        assert json.loads(f.attrs["settings"])["std"] == list(data.CLEVR_IEP_STD)
+        assert json.loads(f.attrs["settings"])["std"] == list(prepare.CLEVR_IEP_STD)
         np.testing.assert_allclose(f["features"][:].astype(np.float32),
-                                   features_of(data.clevr_image_files(clevr, "val"), data.CLEVR_IEP_STD),
+                                   features_of(prepare.clevr_image_files(clevr, "val"), prepare.CLEVR_IEP_STD),
                                    rtol=2e-3, atol=2e-3)
     assert data.check_features(out / "val_features.h5", 2) == "features"
 
@@ -181,13 +182,13 @@ def test_cli_fewer_images_than_a_batch_float16_typo_std_and_progress(clevr, tmp_
 def test_missing_images_and_libraries_say_what_to_do(clevr, monkeypatch):
     (clevr / "images" / "train" / "CLEVR_train_000004.png").unlink()
     with pytest.raises(data.DataError, match="1 of 7 images are missing, e.g. CLEVR_train_000004.png"):
-        data.clevr_image_files(clevr, "train")
+        prepare.clevr_image_files(clevr, "train")
     monkeypatch.setitem(sys.modules, "torchvision", None)  # as if not installed
     monkeypatch.setitem(sys.modules, "PIL", None)
     with pytest.raises(data.DataError, match="pip install torchvision"):
-        data.resnet101_layer3()
+        prepare.resnet101_layer3()
     with pytest.raises(data.DataError, match="pip install pillow"):
-        data.read_rgb(clevr / "images" / "val" / "CLEVR_val_000000.png")
+        prepare.read_rgb(clevr / "images" / "val" / "CLEVR_val_000000.png")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -209,7 +210,7 @@ def write_humans(root, new_answer=False):
 
 def test_humans_use_the_clevr_vocabulary_with_unk_for_new_words(tiny_data, tmp_path):
     qs = write_humans(tmp_path / "humans", new_answer=True)
-    out, stats = data.prepare_humans(tmp_path / "humans", tiny_data, tmp_path / "prep", **QUIET)
+    out, stats = prepare.prepare_humans(tmp_path / "humans", tiny_data, tmp_path / "prep", **QUIET)
     assert (out / "vocab.json").read_bytes() == (tiny_data / "vocab.json").read_bytes()
     assert data.load_info(out)["vocab_hash"] == data.load_info(tiny_data)["vocab_hash"]  # --init accepts it
     vocab = json.loads((tiny_data / "vocab.json").read_text())
@@ -239,7 +240,7 @@ def test_humans_use_the_clevr_vocabulary_with_unk_for_new_words(tiny_data, tmp_p
 def test_a_clevr_checkpoint_fine_tunes_on_humans_with_init(tiny_data, tmp_path, capsys):
     write_humans(tmp_path / "humans")
     humans = tmp_path / "prep"
-    data.main(["humans", str(tmp_path / "humans"), "--clevr", str(tiny_data), "--out", str(humans)])
+    prepare.main(["humans", str(tmp_path / "humans"), "--clevr", str(tiny_data), "--out", str(humans)])
     flags = [*TINY, "--max-steps", "2", "--epochs", "1"]
     train.main(["mac", "--data", str(tiny_data), "--out", str(tmp_path / "clevr-run"), *flags, "--iters", "3"])
     res = train.main(["mac", "--data", str(humans), "--out", str(tmp_path / "humans-run"), *flags,
@@ -298,9 +299,9 @@ def write_gqa(root):
 def gqa(tmp_path_factory):
     root = tmp_path_factory.mktemp("gqa") / "GQA"
     train_q, testdev_q = write_gqa(root)
-    with pytest.raises(data.DataError, match="looks like a GQA folder: run `python data.py gqa"):
+    with pytest.raises(data.DataError, match="looks like a GQA folder: run `python prepare.py gqa"):
         data.resolve(root)
-    data.prepare_gqa(root, **QUIET)
+    prepare.prepare_gqa(root, **QUIET)
     return root, train_q, testdev_q
 
 
@@ -309,7 +310,7 @@ def test_gqa_questions_and_objects_line_up(gqa, tmp_path):
     info = data.load_info(root)  # GQA_DIR finds GQA_DIR/prepared
     assert info["image_kind"] == "objects" and info["image_shape"] == (100, 2048) and info["dataset"] == "GQA"
     vocab = json.loads((root / "prepared" / "vocab.json").read_text())
-    assert data.tokenize_gqa("Is the man's shirt white?") == ["is", "the", "man", "'s", "shirt", "white", "?"]
+    assert prepare.tokenize_gqa("Is the man's shirt white?") == ["is", "the", "man", "'s", "shirt", "white", "?"]
     assert "'s" in vocab["question_token_to_idx"] and "zebra" not in vocab["question_token_to_idx"]
     assert set(vocab["answer_token_to_idx"]) == {*data.SPECIALS, "yes", "cup", "left", "light"}
     ids = list(GQA_IMAGES)
@@ -325,7 +326,7 @@ def test_gqa_questions_and_objects_line_up(gqa, tmp_path):
     assert answers[batch["answer"][1].item()] == "<UNK>"  # "plate" was never a train answer
     names = json.loads((root / "prepared" / "info.json").read_text())["family_names"]
     assert dact.family_names(root / "prepared") == names and "verifyAttr" in names
-    data.main(["gqa", str(root), "--out", str(tmp_path / "all"), "--variant", "all"])  # a folder of files
+    prepare.main(["gqa", str(root), "--out", str(tmp_path / "all"), "--variant", "all"])  # a folder of files
     with h5py.File(tmp_path / "all" / "train_questions.h5") as f:
         assert len(f["questions"]) == len(train_q) + 2
 

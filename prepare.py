@@ -1,0 +1,720 @@
+"""Dataset preparation: a CLEVR-layout folder (real CLEVR, or the built-in mini-CLEVR) -> the prepared
+directory that train.py reads (vocab.json, info.json, questions and images h5; the layout is in data.py's
+docstring), plus ResNet-101 feature extraction, CLEVR-Humans and GQA.
+
+    python prepare.py generate [--out DIR] [--tiny]          # built-in mini-CLEVR, CLEVR layout + prepared/
+    python prepare.py clevr CLEVR_DIR --out DIR [--images pixels|features|scene-cnn] [--size N] [--vocab V]
+    python prepare.py features CLEVR_DIR --out DIR [--float16] [--clevr-iep-std]  # ResNet-101 layer3, resumable
+    python prepare.py humans HUMANS_DIR --clevr PREPARED_CLEVR --out DIR       # CLEVR-Humans on CLEVR's vocab
+    python prepare.py gqa GQA_DIR [--variant balanced|all]                     # GQA -> GQA_DIR/prepared
+
+`python data.py generate|prepare|features|humans|gqa` still works (`prepare` is `clevr` here).
+
+Where the formats come from: the prepared layout and the vocabulary follow facebookresearch/clevr-iep
+(scripts/preprocess_questions.py, scripts/extract_features.py: ResNet-101 layer3 of 224 x 224 images);
+CLEVR_v1.0's folders follow facebookresearch/clevr-dataset-gen; CLEVR-Humans is Johnson et al., "Inferring
+and Executing Programs for Visual Reasoning", ICCV 2017; GQA's files are read as the DACT code reads them
+(ceyzaguirre4/DACT-MAC preprocess_GQA.py).
+"""
+import argparse
+import hashlib
+import json
+import os
+import re
+import shutil
+import sys
+import time
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import h5py
+import numpy as np
+import torch
+
+import mini_clevr
+from data import (ATTR_ORDER, ATTRIBUTES, END, SPECIALS, START, UNK, DataError, check_features, check_questions,
+                  ensure_builtin, list_to_prefix, load_json, load_vocab, node_token, resolve, tokenize)
+
+# ------------------------------------------------------------------------------------------------
+# Questions, compatible with clevr-iep: vocab.json and questions h5
+# ------------------------------------------------------------------------------------------------
+
+def build_vocab(questions):
+    """Token -> index maps with the specials 0..3 first and the rest sorted (clevr-iep order)."""
+    def index(tokens):
+        out = dict(SPECIALS)
+        for t in sorted(set(tokens) - set(SPECIALS)):
+            out[t] = len(out)
+        return out
+    return {
+        "question_token_to_idx": index(t for q in questions for t in tokenize(q["question"])),
+        "program_token_to_idx": index(node_token(n) for q in questions for n in q.get("program", [])),
+        "answer_token_to_idx": index(q["answer"] for q in questions if "answer" in q),
+    }
+
+
+def _encode(tokens, to_idx, unk_ok, what):
+    ids = [START]
+    for t in tokens:
+        if t not in to_idx and not unk_ok:
+            raise DataError(f"{what} token {t!r} is not in the vocabulary; if --vocab was made for another "
+                            "dataset, prepare without --vocab to build one from this train split")
+        ids.append(to_idx.get(t, UNK))
+    return ids + [END]
+
+
+def encode_questions(questions, vocab, path, tokenizer=tokenize):
+    """Write a clevr-iep questions h5. `programs` (prefix) and `answers` are written only when
+    every question has them (the CLEVR test split has neither)."""
+    qv, pv, av = (vocab[k] for k in ("question_token_to_idx", "program_token_to_idx", "answer_token_to_idx"))
+    qs = [_encode(tokenizer(q["question"]), qv, True, "question") for q in questions]
+    has_programs = all("program" in q for q in questions)
+    has_answers = all("answer" in q for q in questions)
+    unk = sum(t == UNK for q in qs for t in q) / max(sum(len(q) - 2 for q in qs), 1)
+
+    def pad(seqs):
+        out = np.zeros((len(seqs), max(map(len, seqs))), dtype=np.int32)
+        for i, s in enumerate(seqs):
+            out[i, :len(s)] = s
+        return out
+    with h5py.File(path, "w") as f:
+        f.create_dataset("questions", data=pad(qs))
+        f.create_dataset("image_idxs", data=np.array([q["image_index"] for q in questions], dtype=np.int64))
+        f.create_dataset("orig_idxs", data=np.array([q.get("question_index", i) for i, q in enumerate(questions)], dtype=np.int64))
+        f.create_dataset("question_families", data=np.array([q.get("question_family_index", -1) for q in questions], dtype=np.int64))
+        if has_programs:
+            f.create_dataset("programs", data=pad([_encode(list_to_prefix(q["program"]), pv, False, "program") for q in questions]))
+        if has_answers:
+            f.create_dataset("answers", data=np.array([av.get(q["answer"], UNK) for q in questions], dtype=np.int64))
+    return unk
+
+
+# ------------------------------------------------------------------------------------------------
+# Images as pixels, and a CLEVR-layout folder -> a prepared directory
+# ------------------------------------------------------------------------------------------------
+
+def _resize(images, size):
+    """(N, H, W, 3) uint8 -> (N, 3, size, size) uint8, area-antialiased (torch, no image library)."""
+    x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float()
+    if x.shape[-2:] != (size, size):
+        x = torch.nn.functional.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+    return x.round().clamp(0, 255).to(torch.uint8).numpy()
+
+
+def read_rgb(path):
+    """One image file -> (H, W, 3) uint8 (CLEVR's PNGs are RGBA: alpha is dropped). Needs Pillow."""
+    try:
+        from PIL import Image
+    except ImportError:
+        raise DataError("reading CLEVR's PNG images needs Pillow: pip install pillow") from None
+    with Image.open(path) as im:
+        return np.asarray(im.convert("RGB"))
+
+
+def prepare_pixels(clevr_dir, split, num_images, size, path, log=print):
+    """Images of a split as (N, 3, size, size) uint8 in h5 (dataset `images`), row = image_index.
+    Reads images/{split}.h5 (the built-in data) or images/{split}/*.png (the release, via Pillow)."""
+    src = clevr_dir / "images" / f"{split}.h5"
+    with h5py.File(path, "w") as out:
+        dset = out.create_dataset("images", (num_images, 3, size, size), dtype=np.uint8)
+        if src.exists():
+            with h5py.File(src, "r") as f:
+                for i in range(0, num_images, 1024):
+                    dset[i:i + 1024] = _resize(f["images"][i:i + 1024], size)
+            return
+        files = [clevr_dir / "images" / split / f"CLEVR_{split}_{i:06d}.png" for i in range(num_images)]
+        missing = [p for p in files if not p.exists()]
+        if missing:
+            raise DataError(f"{len(missing)} images of split {split} are missing, e.g. {missing[0]}; "
+                            f"expected the CLEVR_v1.0 layout images/{split}/CLEVR_{split}_NNNNNN.png")
+        batch, start, t0 = [], 0, time.time()
+        for i, png in enumerate(files):
+            batch.append(read_rgb(png))
+            if (i + 1) % 1000 == 0:
+                log(f"    {i + 1}/{len(files)} images, {(i + 1) / (time.time() - t0):.0f}/s")
+            if len(batch) == 256:
+                dset[start:start + 256] = _resize(np.stack(batch), size)
+                start, batch = start + 256, []
+        if batch:
+            dset[start:] = _resize(np.stack(batch), size)
+
+
+def prepare_clevr(clevr_dir, out, images="pixels", size=64, vocab=None, features_dir=None, log=print):
+    """CLEVR layout -> prepared directory (vocab.json, info.json, questions and images h5)."""
+    clevr_dir, out = Path(clevr_dir), Path(out)
+    if not (clevr_dir / "questions").is_dir():
+        raise DataError(f"{clevr_dir}: no questions/ folder; expected the CLEVR_v1.0 layout "
+                        f"(images/, questions/, scenes/)")
+    splits = [s for s in ("train", "val", "test") if (clevr_dir / "questions" / f"CLEVR_{s}_questions.json").exists()]
+    if not splits:
+        raise DataError(f"{clevr_dir}/questions has no CLEVR_{{train,val,test}}_questions.json")
+    questions_of = {}
+    for s in splits:
+        path = clevr_dir / "questions" / f"CLEVR_{s}_questions.json"
+        doc = load_json(path, f"{s} questions")
+        if not isinstance(doc, dict) or not isinstance(doc.get("questions"), list):
+            raise DataError(f"{path}: expected a JSON object with a 'questions' list")
+        questions_of[s] = check_questions(doc["questions"], path)
+    out.mkdir(parents=True, exist_ok=True)
+    if vocab is None:
+        if "train" not in questions_of:
+            raise DataError("no train split to build the vocabulary from; pass --vocab VOCAB_JSON")
+        vocab = build_vocab(questions_of["train"])
+    elif not isinstance(vocab, dict):
+        vocab = load_vocab(vocab)
+    (out / "vocab.json").write_text(json.dumps(vocab, indent=1))
+    info = {"image_kind": images, "images": {}, "source": str(clevr_dir.resolve())}
+    for s, questions in questions_of.items():
+        try:
+            unk = encode_questions(questions, vocab, out / f"{s}_questions.h5")
+        except DataError as e:  # a token missing from a --vocab: name the questions file
+            raise DataError(f"{clevr_dir / 'questions' / f'CLEVR_{s}_questions.json'}: {e}") from None
+        num_images = max(q["image_index"] for q in questions) + 1
+        log(f"  {s}: {len(questions)} questions on {num_images} images, {100 * unk:.2f}% <UNK> words")
+        if images in ("pixels", "scene-cnn"):
+            prepare_pixels(clevr_dir, s, num_images, size, out / f"{s}_images.h5", log)
+            info["images"][s] = f"{s}_images.h5"
+        elif images == "features":
+            path = Path(features_dir or clevr_dir) / f"{s}_features.h5"
+            check_features(path, num_images)
+            info["images"][s] = str(path.resolve())
+        else:
+            raise DataError(f"--images must be pixels, features or scene-cnn, not {images!r}")
+    if images == "scene-cnn":
+        info.update(scene_cnn_features(clevr_dir, out, size, log=log))
+    (out / "info.json").write_text(json.dumps(info, indent=1))
+    log(f"prepared {', '.join(questions_of)} -> {out}")
+    return out
+
+
+# ------------------------------------------------------------------------------------------------
+# Image features for the built-in data: a small CNN trained on the scenes' own annotations
+# ------------------------------------------------------------------------------------------------
+
+class SceneCNN(torch.nn.Module):
+    """Pixels (B, 3, S, S) -> per-cell predictions (B, 1 + 15, S/8, S/8): for every 8 x 8 cell, the
+    probability that an object is centred there and, times that, the probabilities of each value of
+    its four attributes. The built-in data's stand-in for the ImageNet-pretrained ResNet-101 whose
+    features MAC reads on real CLEVR: models then learn to reason, not to see, which is what fits in
+    a laptop's minutes (README, "The built-in data")."""
+
+    def __init__(self, channels=32):
+        super().__init__()
+        nn, layers, c = torch.nn, [], 3
+        for ch in (32, 64, 64):  # three stride-2 convs: one cell per 8 x 8 pixels
+            layers += [nn.Conv2d(c, ch, 3, stride=2, padding=1), nn.GroupNorm(8, ch), nn.ELU()]
+            c = ch
+        self.body = nn.Sequential(*layers, nn.Conv2d(c, channels, 3, padding=1), nn.ELU())
+        self.heads = nn.Conv2d(channels, 1 + sum(len(v) for v in ATTRIBUTES.values()), 1)
+
+    def forward(self, x):
+        return self.heads(self.body(x))                                  # (B, 1 + 15, G, G) logits
+
+    def predict(self, x):
+        logits = self.forward(x)
+        obj = torch.sigmoid(logits[:, :1])                               # (B, 1, G, G)
+        sizes = [len(ATTRIBUTES[a]) for a in ATTR_ORDER]
+        probs = [obj * part.softmax(1) for part in logits[:, 1:].split(sizes, 1)]
+        return torch.cat([obj, *probs], 1)                               # (B, 1 + 15, G, G)
+
+
+def _cell_targets(scenes, grid):
+    """Per cell: -1 (no object centred there) or the index of each attribute's value. (N, 4, G, G)."""
+    t = np.full((len(scenes), len(ATTR_ORDER), grid, grid), -1, dtype=np.int64)
+    for i, scene in enumerate(scenes):
+        for o in scene["objects"]:
+            gx, gy = (min(int(v / scene["image_size"] * grid), grid - 1) for v in o["pixel_coords"][:2])
+            t[i, :, gy, gx] = [ATTRIBUTES[a].index(o[a]) for a in ATTR_ORDER]
+    return torch.from_numpy(t)
+
+
+def train_scene_cnn(pixels, targets, channels=32, iters=1500, seed=0, log=print):
+    """SceneCNN trained on pixels (N, 3, S, S) uint8 to predict the cell targets (N, 4, G, G) of
+    `_cell_targets`: Adam, batches of 64 drawn with a generator seeded by `seed`."""
+    F = torch.nn.functional
+    gen = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    cnn = SceneCNN(channels)
+    opt = torch.optim.Adam(cnn.parameters(), lr=2e-3)
+    sizes = [len(ATTRIBUTES[a]) for a in ATTR_ORDER]
+    t0 = time.time()
+    for it in range(iters):
+        idx = torch.randint(0, len(pixels), (64,), generator=gen)
+        logits = cnn(pixels[idx].float() / 255)  # (64, 1 + 15, G, G)
+        t = targets[idx]
+        present = (t[:, 0] >= 0).float()
+        loss = F.binary_cross_entropy_with_logits(logits[:, 0], present)
+        for k, part in enumerate(logits[:, 1:].split(sizes, 1)):  # on the cells where an object is centred
+            loss = loss + F.cross_entropy(part, t[:, k], ignore_index=-1)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if (it + 1) % 500 == 0:
+            log(f"    scene CNN iteration {it + 1}/{iters}: loss {loss.item():.3f} ({time.time() - t0:.0f}s)")
+    return cnn.eval()
+
+
+def _log_scene_cnn_on_val(cnn, clevr_dir, out, grid, log):
+    """How well the scene CNN sees, on val: cells with or without an object, and each attribute."""
+    val_scenes = clevr_dir / "scenes" / "CLEVR_val_scenes.json"
+    if not ((out / "val_images.h5").exists() and val_scenes.exists()):
+        return
+    with h5py.File(out / "val_images.h5", "r") as f, torch.no_grad():
+        logits = cnn(torch.from_numpy(f["images"][:]).float() / 255)  # (N, 16, G, G)
+    t = _cell_targets(load_json(val_scenes, "val scenes")["scenes"], grid)
+    present = t[:, 0] >= 0  # (N, G, G)
+    sizes = [len(ATTRIBUTES[a]) for a in ATTR_ORDER]
+    accs = [((logits[:, 0] > 0) == present).float().mean()] + [
+        (part.argmax(1)[present] == t[:, k][present]).float().mean()
+        for k, part in enumerate(logits[:, 1:].split(sizes, 1))]
+    log("  scene CNN on val: cells (object or not) {:.1%}; size {:.1%}, color {:.1%}, material {:.1%}, "
+        "shape {:.1%} of the objects".format(*accs))
+
+
+def scene_cnn_features(clevr_dir, out, size, channels=32, iters=1500, log=print, seed=0):
+    """Train SceneCNN on the train split's pixels and scene annotations, then write its predictions,
+    with x and y coordinate channels appended, as {split}_features.h5 (float16) in place of the
+    {split}_images.h5 pixels. Returns what info.json says about them."""
+    grid = size // 8
+    with h5py.File(out / "train_images.h5", "r") as f:
+        pixels = torch.from_numpy(f["images"][:])  # (N, 3, S, S) uint8
+    scenes = load_json(clevr_dir / "scenes" / "CLEVR_train_scenes.json", "train scenes")["scenes"]
+    targets = _cell_targets(scenes, grid)  # (N, 4, G, G)
+    t0 = time.time()
+    iters = iters if len(pixels) >= 1000 else 30  # the tiny data: a few steps are enough
+    cnn = train_scene_cnn(pixels, targets, channels, iters, seed, log)
+    _log_scene_cnn_on_val(cnn, clevr_dir, out, grid, log)
+    ys, xs = torch.meshgrid(torch.linspace(-1, 1, grid), torch.linspace(-1, 1, grid), indexing="ij")
+    coords = torch.stack([xs, ys])  # (2, G, G)
+    C = 1 + sum(len(v) for v in ATTRIBUTES.values()) + 2  # object, 15 attribute values, x, y
+    images = {}
+    for split in ("train", "val", "test"):
+        src = out / f"{split}_images.h5"
+        if not src.exists():
+            continue
+        with h5py.File(src, "r") as f, h5py.File(out / f"{split}_features.h5", "w") as g, torch.no_grad():
+            n = len(f["images"])
+            dset = g.create_dataset("features", (n, C, grid, grid), dtype=np.float16)
+            for i in range(0, n, 512):
+                feats = cnn.predict(torch.from_numpy(f["images"][i:i + 512]).float() / 255)  # (b, 16, G, G)
+                dset[i:i + 512] = torch.cat([feats, coords.expand(len(feats), -1, -1, -1)], 1).numpy()
+        src.unlink()  # the pixels are in the CLEVR-layout folder; `prepare.py clevr --images pixels` remakes them
+        images[split] = f"{split}_features.h5"
+    log(f"  scene CNN: {iters} iterations in {time.time() - t0:.0f}s, features {C} x {grid} x {grid}")
+    return {"image_kind": "features", "images": images, "feature_shape": [C, grid, grid],
+            "features_from": "scene-cnn"}
+
+
+# ------------------------------------------------------------------------------------------------
+# Real datasets at full fidelity: ResNet-101 features of CLEVR's PNGs, CLEVR-Humans, GQA
+# ------------------------------------------------------------------------------------------------
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+# clevr-iep's scripts/extract_features.py divides by (0.229, 0.224, 0.224): a typo for ImageNet's
+# 0.225 that its released checkpoints were trained with. --clevr-iep-std reproduces it.
+CLEVR_IEP_STD = (0.229, 0.224, 0.224)
+
+
+def resnet101_layer3():
+    """torchvision's ImageNet ResNet-101 through layer3 (stride 16: 224 x 224 -> 1024 x 14 x 14), as
+    clevr-iep. torchvision is needed here only, so it is imported here only."""
+    try:
+        import torchvision
+    except ImportError:
+        raise DataError("extracting ResNet-101 features needs torchvision: pip install torchvision "
+                        "(the ImageNet weights, about 170 MB, download on first use)") from None
+    net = torchvision.models.resnet101(weights="IMAGENET1K_V1")  # the original torchvision weights
+    return torch.nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool, net.layer1, net.layer2, net.layer3)
+
+
+def clevr_image_files(clevr_dir, split):
+    """images/{split}/CLEVR_{split}_NNNNNN.png in image_index order; every index from 0 must be there."""
+    folder = Path(clevr_dir) / "images" / split
+    found = {}
+    for p in folder.glob(f"CLEVR_{split}_*.png"):
+        tail = p.stem.rsplit("_", 1)[1]
+        if tail.isdigit():
+            found[int(tail)] = p
+    if not found:
+        raise DataError(f"{folder}: no CLEVR_{split}_NNNNNN.png images; expected the CLEVR_v1.0 layout")
+    missing = sorted(set(range(max(found) + 1)) - set(found))
+    if missing:
+        raise DataError(f"{folder}: {len(missing)} of {max(found) + 1} images are missing, e.g. "
+                        f"CLEVR_{split}_{missing[0]:06d}.png; feature row i must be image i")
+    return [found[i] for i in range(len(found))]
+
+
+def preprocess_image(rgb, size, mean, std):
+    """(H, W, 3) uint8 -> (3, size, size) float, as clevr-iep: bicubic resize to size x size, back to
+    uint8, / 255, minus the ImageNet mean, over the std.
+    NOTE (deviation): torch's antialiased bicubic resize instead of scipy's imresize (PIL bicubic):
+    close to, not bit-identical with, clevr-iep's pixels."""
+    x = torch.from_numpy(np.ascontiguousarray(rgb[..., :3])).permute(2, 0, 1)[None].float()  # (1, 3, H, W)
+    x = torch.nn.functional.interpolate(x, size=(size, size), mode="bicubic", antialias=True, align_corners=False)
+    x = x.round().clamp(0, 255)[0] / 255                                     # (3, size, size)
+    return (x - torch.tensor(mean)[:, None, None]) / torch.tensor(std)[:, None, None]
+
+
+class Progress:
+    """A progress bar with rate and ETA: redrawn in place on a terminal, a log line every `every`
+    seconds otherwise (a log file of a long job)."""
+
+    def __init__(self, total, done=0, what="images", log=print, every=60.0):
+        self.total, self.start, self.what, self.log, self.every = total, done, what, log, every
+        self.t0 = self.last = time.time()
+        self.tty = sys.stderr.isatty() and log is print
+
+    def update(self, done):
+        now = time.time()
+        rate = (done - self.start) / max(now - self.t0, 1e-9)
+        eta = (self.total - done) / rate if rate > 0 else float("inf")
+        bar = "#" * int(30 * done / max(self.total, 1))
+        line = (f"[{bar:30s}] {done}/{self.total} {self.what} ({100 * done / max(self.total, 1):.1f}%), "
+                f"{rate:.1f}/s, ETA {time.strftime('%H:%M:%S', time.gmtime(eta)) if eta < 8.64e6 else '?'}")
+        if self.tty:
+            print("\r" + line, end="\n" if done >= self.total else "", file=sys.stderr, flush=True)
+        elif now - self.last >= self.every or done >= self.total:
+            self.log("    " + line)
+            self.last = now
+
+
+def extract_features(paths, out, backbone, batch_size=128, read_image=None, std=IMAGENET_STD,
+                     dtype="float32", size=224, device="cpu", workers=4, log=print):
+    """Images `paths` -> `out`, an h5 with dataset `features` (N, C, h, w) (ResNet-101 layer3: 1024 x 14 x
+    14), row i = paths[i]: the layout that `check_features` and `prepare.py clevr --images features` read.
+
+    Resumable: rows go to `out`.partial with an attribute `done` (rows written so far, set after each
+    batch is written and flushed); a later call with the same images and settings continues from
+    there, and the file is renamed to `out` when complete. Works with fewer images than one batch
+    (clevr-iep's extractor crashes there). `backbone` maps (B, 3, size, size) to features; tests
+    pass a small stand-in, the command line `resnet101_layer3()`. Images are read `workers` at a time
+    in threads, one batch ahead of the backbone."""
+    out, paths, read_image = Path(out), [str(p) for p in paths], read_image or read_rgb
+    partial = out.with_name(out.name + ".partial")
+    settings = {"num_images": len(paths), "image_size": size, "mean": list(IMAGENET_MEAN), "std": list(std),
+                "dtype": np.dtype(dtype).name,
+                "files": hashlib.sha1("\n".join(Path(p).name for p in paths).encode()).hexdigest()[:12]}
+    if out.exists():
+        log(f"  {out} exists: skipped (delete it to extract again)")
+        return out
+    if partial.exists():
+        try:
+            f = h5py.File(partial, "r+")
+        except OSError as e:
+            raise DataError(f"{partial}: an unreadable partial feature file ({e}), perhaps from a crash "
+                            "mid-write; delete it to start this split again") from None
+        saved = {k: json.loads(f.attrs["settings"]).get(k) for k in settings} if "settings" in f.attrs else {}
+        if saved != settings:
+            f.close()
+            changed = sorted(k for k in settings if saved.get(k) != settings[k])
+            raise DataError(f"{partial} was started with other settings ({', '.join(changed)} differ); "
+                            "delete it to start again with these")
+    else:
+        f = h5py.File(partial, "w")
+        f.attrs["settings"], f.attrs["done"] = json.dumps(settings), 0
+    backbone = backbone.to(device).eval()
+    with f, ThreadPoolExecutor(max(workers, 1)) as pool:
+        done = int(f.attrs["done"])
+        log(f"  {out.name}: {len(paths)} images" + (f", resuming after {done}" if done else ""))
+        progress = Progress(len(paths), done, log=log)
+        starts = list(range(done, len(paths), batch_size))
+        ahead = [pool.submit(read_image, p) for p in paths[done:done + batch_size]]
+        for start in starts:
+            images, nxt = [a.result() for a in ahead], start + batch_size
+            ahead = [pool.submit(read_image, p) for p in paths[nxt:nxt + batch_size]]  # read the next batch meanwhile
+            x = torch.stack([preprocess_image(im, size, IMAGENET_MEAN, std) for im in images]).to(device)
+            with torch.inference_mode():
+                feats = backbone(x).float().cpu().numpy()                   # (b, C, h, w)
+            if "features" not in f:
+                f.create_dataset("features", (len(paths), *feats.shape[1:]), dtype=dtype,
+                                 chunks=(1, *feats.shape[1:]))
+            if f["features"].shape[1:] != feats.shape[1:]:
+                raise DataError(f"{partial} holds features {f['features'].shape[1:]}, this backbone gives "
+                                f"{feats.shape[1:]}; delete it to start again with this backbone")
+            f["features"][start:start + len(feats)] = feats.astype(dtype)
+            f.flush()  # the rows are on disk before `done` says so
+            f.attrs["done"] = start + len(feats)
+            f.flush()
+            progress.update(start + len(feats))
+    os.replace(partial, out)
+    return out
+
+
+def extract_clevr_features(clevr_dir, out_dir, backbone=None, splits=None, clevr_iep_std=False, **kw):
+    """CLEVR_v1.0/images/{split}/*.png -> out_dir/{split}_features.h5 for every split found."""
+    clevr_dir, out_dir = Path(clevr_dir), Path(out_dir)
+    splits = splits or [s for s in ("train", "val", "test") if (clevr_dir / "images" / s).is_dir()]
+    if not splits:
+        raise DataError(f"{clevr_dir}/images has no train/, val/ or test/ folder; expected the CLEVR_v1.0 layout")
+    files = {s: clevr_image_files(clevr_dir, s) for s in splits}  # check every split before hours of work
+    backbone = backbone if backbone is not None else resnet101_layer3()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    std = CLEVR_IEP_STD if clevr_iep_std else IMAGENET_STD
+    return {s: extract_features(files[s], out_dir / f"{s}_features.h5", backbone, std=std, **kw) for s in splits}
+
+
+# -- CLEVR-Humans: human-written questions on CLEVR's images, no programs ---------------------------
+
+def prepare_humans(humans_dir, clevr_prepared, out, log=print):
+    """CLEVR-Humans-{train,val,test}.json -> a prepared directory on the vocabulary of an existing
+    prepared CLEVR (copied unchanged, so a CLEVR checkpoint fine-tunes on it with --init): words CLEVR
+    never had become <UNK> (the rate is reported), and each question reads the CLEVR images of the split
+    its image_filename names, through the prepared CLEVR's image files.
+    NOTE (deviation): clevr-iep instead adds words seen at least 10 times to the vocabulary
+    (--expand_vocab 1 --unk_threshold 10), which changes the embedding's size."""
+    humans_dir, out = Path(humans_dir), Path(out)
+    clevr = resolve(clevr_prepared)
+    vocab, cinfo = load_json(clevr / "vocab.json", "vocabulary"), load_json(clevr / "info.json", "data info")
+    splits = {s: humans_dir / f"CLEVR-Humans-{s}.json" for s in ("train", "val", "test")}
+    splits = {s: p for s, p in splits.items() if p.exists()}
+    if not splits:
+        raise DataError(f"{humans_dir}: no CLEVR-Humans-{{train,val,test}}.json")
+    out.mkdir(parents=True, exist_ok=True)
+    info = {k: v for k, v in cinfo.items() if k not in ("images", "source")}
+    info.update(dataset="CLEVR-Humans", images={}, source=str(humans_dir.resolve()), vocab_from=str(clevr.resolve()))
+    qv, av, stats = vocab["question_token_to_idx"], vocab["answer_token_to_idx"], {}
+    for s, path in splits.items():
+        doc = load_json(path, f"CLEVR-Humans {s} questions")
+        if not isinstance(doc, dict) or not isinstance(doc.get("questions"), list):
+            raise DataError(f"{path}: expected a JSON object with a 'questions' list")
+        questions, image_splits = [], set()
+        for i, q in enumerate(doc["questions"]):
+            name = q.get("image_filename", "")
+            parts = Path(name).stem.split("_")  # CLEVR_{split}_{index}
+            if len(parts) != 3 or not parts[2].isdigit():
+                raise DataError(f"{path}: question {i} has image_filename {name!r}; expected CLEVR_split_NNNNNN.png")
+            image_splits.add(parts[1])
+            questions.append({"question": q["question"], "answer": q.get("answer"), "image_index": int(parts[2]),
+                              "question_index": q.get("question_index", i)})
+            if questions[-1]["answer"] is None:
+                del questions[-1]["answer"]
+        if len(image_splits) != 1:
+            raise DataError(f"{path}: questions on the images of several CLEVR splits ({sorted(image_splits)})")
+        image_split = image_splits.pop()
+        if image_split not in cinfo["images"]:
+            raise DataError(f"{path} asks about CLEVR {image_split} images, but {clevr} has no {image_split} split; "
+                            f"prepare CLEVR's {image_split} split too")
+        unk = encode_questions(questions, vocab, out / f"{s}_questions.h5")
+        new_words = Counter(t for q in questions for t in tokenize(q["question"]) if t not in qv)
+        bad_answers = sum("answer" in q and q["answer"] not in av for q in questions)
+        info["images"][s] = str((clevr / cinfo["images"][image_split]).resolve())
+        stats[s] = {"questions": len(questions), "unk_rate": unk, "new_words": dict(new_words.most_common()),
+                    "answers_not_in_vocab": bad_answers, "images_of": image_split}
+        log(f"  {s}: {len(questions)} questions on CLEVR {image_split} images, {100 * unk:.2f}% <UNK> words"
+            + (f" (most frequent: {', '.join(w for w, _ in new_words.most_common(8))})" if new_words else "")
+            + (f"; {bad_answers} answers outside CLEVR's answers (encoded <UNK>)" if bad_answers else ""))
+    shutil.copyfile(clevr / "vocab.json", out / "vocab.json")  # byte for byte: the same vocabulary hash
+    (out / "info.json").write_text(json.dumps(info, indent=1))
+    (out / "humans_stats.json").write_text(json.dumps(stats, indent=1))
+    log(f"prepared CLEVR-Humans {', '.join(splits)} -> {out} (vocabulary of {clevr})")
+    return out, stats
+
+
+# -- GQA, as the DACT code reads it (ceyzaguirre4/DACT-MAC preprocess_GQA.py, dataset.py) ------------
+#   GQA_DIR/questions/{split}_{all|balanced}_questions.json, or a folder of such files (train_all)
+#   GQA_DIR/features/objects/gqa_objects_{0..15}.h5: features (n, 100, 2048), bboxes (n, 100, 4) pixels
+#   GQA_DIR/features/objects/gqa_objects_info.json: imageId -> {file, idx, objectsNum, width, height}
+
+def tokenize_gqa(text):
+    """Lowercase; words, clitics ('s) and punctuation as tokens.
+    NOTE (deviation): the DACT code uses nltk.word_tokenize; this regex agrees on GQA's plain questions
+    but splits "don't" as don / 't (nltk: do / n't)."""
+    return re.findall(r"\w+|'\w+|[^\w\s]", text.lower())
+
+
+def _gqa_question_files(gqa_dir, split, variant):
+    for folder in ("questions", "questions1.2", "."):
+        base = Path(gqa_dir) / folder / f"{split}_{variant}_questions"
+        if base.is_dir():
+            return sorted(base.glob("*.json"))
+        if base.with_name(base.name + ".json").exists():
+            return [base.with_name(base.name + ".json")]
+    raise DataError(f"{gqa_dir}/questions: no {split}_{variant}_questions.json (or folder of them); "
+                    "expected the GQA layout that the DACT code reads (README, 'Real datasets')")
+
+
+def gqa_objects(gqa_dir, out, log=print):
+    """The object features of all images as one h5 without copying them: `features` (N, 100, 2048) is
+    a virtual dataset over gqa_objects_*.h5 (absolute paths: keep GQA_DIR where it is), next to
+    `boxes` (N, 100, 4) in [0, 1] (x1, y1, x2, y2 over width and height) and `num_objects` (N,).
+    Returns {imageId: row}."""
+    odir = Path(gqa_dir) / "features" / "objects"
+    meta = load_json(odir / "gqa_objects_info.json", "GQA object features info")
+    files = sorted((p for p in odir.glob("gqa_objects_*.h5") if p.stem.rsplit("_", 1)[1].isdigit()),
+                   key=lambda p: int(p.stem.rsplit("_", 1)[1]))
+    if not files:
+        raise DataError(f"{odir}: no gqa_objects_N.h5 files; download GQA's object features and unpack them there")
+    offsets, shape, rows = {}, None, 0
+    for p in files:
+        with h5py.File(p, "r") as f:
+            if "features" not in f or f["features"].ndim != 3:
+                raise DataError(f"{p}: expected a dataset 'features' (n, objects, 2048)")
+            if shape is not None and f["features"].shape[1:] != shape:
+                raise DataError(f"{p}: features {f['features'].shape[1:]}, but {files[0]} has {shape}")
+            shape, dtype = f["features"].shape[1:], f["features"].dtype
+            offsets[int(p.stem.rsplit("_", 1)[1])] = (rows, f["features"].shape[0])
+            rows += f["features"].shape[0]
+    layout = h5py.VirtualLayout((rows, *shape), dtype)
+    boxes, num = np.zeros((rows, shape[0], 4), np.float32), np.zeros(rows, np.int64)
+    where = {}
+    for image_id, m in meta.items():
+        if m["file"] not in offsets or m["idx"] >= offsets[m["file"]][1]:
+            raise DataError(f"{odir}/gqa_objects_info.json: image {image_id} is at row {m['idx']} of file "
+                            f"{m['file']}, which is not there; the info and the h5 files do not match")
+        where[image_id] = offsets[m["file"]][0] + m["idx"]
+    for p in files:
+        start, n = offsets[int(p.stem.rsplit("_", 1)[1])]
+        layout[start:start + n] = h5py.VirtualSource(str(p.resolve()), "features", shape=(n, *shape))
+        with h5py.File(p, "r") as f:
+            if "bboxes" in f:
+                boxes[start:start + n] = f["bboxes"][:]
+    for image_id, m in meta.items():
+        r = where[image_id]
+        boxes[r] /= np.array([m["width"], m["height"]] * 2, np.float32)
+        num[r] = m["objectsNum"]
+    with h5py.File(out, "w") as f:
+        f.create_virtual_dataset("features", layout)
+        f.create_dataset("boxes", data=boxes)
+        f.create_dataset("num_objects", data=num)
+    log(f"  objects: {len(meta)} images, {shape[0]} x {shape[1]} features per image in {len(files)} files "
+        f"(virtual dataset, nothing copied)")
+    return where
+
+
+def prepare_gqa(gqa_dir, out=None, variant="balanced", val_split="testdev", log=print):
+    """GQA -> a prepared directory (default GQA_DIR/prepared, so `train.py --data GQA_DIR` finds it).
+    train = {train}_{variant}; val = {val_split}_balanced (the DACT code validates on testdev balanced).
+    Words and answers come from the train questions ('<UNK>' elsewhere); there are no programs; each
+    question's family is its GQA `types.detailed` (names in info.json)."""
+    gqa_dir = Path(gqa_dir)
+    out = Path(out) if out else gqa_dir / "prepared"
+    if variant not in ("balanced", "all"):
+        raise DataError(f"variant must be balanced or all, not {variant!r}")
+    sources = {"train": ("train", variant), "val": (val_split, "balanced")}
+    files = {s: _gqa_question_files(gqa_dir, *src) for s, src in sources.items()}  # all there before work
+    out.mkdir(parents=True, exist_ok=True)
+    row_of = gqa_objects(gqa_dir, out / "objects.h5", log)
+    raw = {}
+    for s, paths in files.items():
+        raw[s] = []
+        for path in paths:
+            doc = load_json(path, f"GQA {s} questions")
+            if not isinstance(doc, dict):
+                raise DataError(f"{path}: expected a JSON object {{question id: question}}")
+            raw[s] += [(qid, q) for qid, q in doc.items()]
+    words = Counter(t for _, q in raw["train"] for t in tokenize_gqa(q["question"]))
+    answers = Counter(q["answer"] for _, q in raw["train"] if "answer" in q)
+    index = lambda names: {**SPECIALS, **{t: len(SPECIALS) + i for i, t in enumerate(sorted(set(names) - set(SPECIALS)))}}
+    vocab = {"question_token_to_idx": index(words), "program_token_to_idx": dict(SPECIALS),
+             "answer_token_to_idx": index(answers)}
+    families = sorted({q.get("types", {}).get("detailed") for qs in raw.values() for _, q in qs} - {None})
+    family_of = {f: i for i, f in enumerate(families)}
+    for s, qs in raw.items():
+        missing = [q["imageId"] for _, q in qs if q["imageId"] not in row_of]
+        if missing:
+            raise DataError(f"{len(missing)} {s} questions ask about images without object features, e.g. "
+                            f"{missing[0]}; is gqa_objects_info.json from the same release?")
+        questions = [{"question": q["question"], "image_index": row_of[q["imageId"]],
+                      "question_index": int(qid) if qid.isdigit() else i,
+                      "question_family_index": family_of.get(q.get("types", {}).get("detailed"), -1),
+                      **({"answer": q["answer"]} if "answer" in q else {})} for i, (qid, q) in enumerate(qs)]
+        unk = encode_questions(questions, vocab, out / f"{s}_questions.h5", tokenizer=tokenize_gqa)
+        unseen = sum(q.get("answer") not in vocab["answer_token_to_idx"] for q in questions if "answer" in q)
+        log(f"  {s} ({'/'.join(p.name for p in files[s][:3])}{'...' if len(files[s]) > 3 else ''}): "
+            f"{len(questions)} questions, {100 * unk:.2f}% <UNK> words"
+            + (f", {unseen} answers never seen in train" if unseen else ""))
+    (out / "vocab.json").write_text(json.dumps(vocab, indent=1))
+    with h5py.File(out / "objects.h5", "r") as f:
+        shape = list(f["features"].shape[1:])
+    info = {"dataset": "GQA", "image_kind": "objects", "images": {"train": "objects.h5", "val": "objects.h5"},
+            "feature_shape": shape, "family_names": families, "source": str(gqa_dir.resolve()),
+            "questions_from": {s: f"{a}_{b}" for s, (a, b) in sources.items()}}
+    (out / "info.json").write_text(json.dumps(info, indent=1))
+    log(f"prepared GQA ({variant}, val = {val_split} balanced): {len(vocab['question_token_to_idx'])} words, "
+        f"{len(vocab['answer_token_to_idx'])} answers -> {out}")
+    return out
+
+
+# ------------------------------------------------------------------------------------------------
+# Command line
+# ------------------------------------------------------------------------------------------------
+
+def _parser():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="cmd", required=True)
+    g = sub.add_parser("generate", help="write the built-in mini-CLEVR (CLEVR layout) and prepare it")
+    g.add_argument("--out", default=None, help="default: the cache folder that train.py uses")
+    g.add_argument("--tiny", action="store_true", help="a few dozen images, for tests")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--train-images", type=int)
+    g.add_argument("--val-images", type=int)
+    g.add_argument("--questions-per-image", type=int)
+    g.add_argument("--image-size", type=int)
+    g.add_argument("--max-objects", type=int)
+    r = sub.add_parser("clevr", help="CLEVR_v1.0 folder -> prepared folder (vocab, h5)")
+    r.add_argument("clevr_dir")
+    r.add_argument("--out", required=True)
+    r.add_argument("--images", choices=("pixels", "features", "scene-cnn"), default="pixels",
+                   help="scene-cnn: features of a small CNN trained on the scenes (the built-in data)")
+    r.add_argument("--size", type=int, default=64, help="pixels: resize images to SIZE x SIZE")
+    r.add_argument("--features-dir", help="features: folder with {split}_features.h5 (default: CLEVR_DIR)")
+    r.add_argument("--vocab", help="encode with this existing vocab.json instead of building one")
+    x = sub.add_parser("features", help="ResNet-101 layer3 features of CLEVR's PNGs (needs torchvision, Pillow)")
+    x.add_argument("clevr_dir")
+    x.add_argument("--out", required=True, help="writes {split}_features.h5 here (clevr --features-dir)")
+    x.add_argument("--splits", nargs="+", choices=("train", "val", "test"), help="default: every split found")
+    x.add_argument("--batch-size", type=int, default=128, help="images per forward pass (clevr-iep: 128)")
+    x.add_argument("--float16", action="store_true", help="store float16: half the disk (about 40 GB instead of 80)")
+    x.add_argument("--clevr-iep-std", action="store_true",
+                   help=f"normalise with clevr-iep's std {CLEVR_IEP_STD} (its 0.224 typo for ImageNet's 0.225), "
+                        "to match features and checkpoints made with clevr-iep")
+    x.add_argument("--device", default="auto", help="auto: cuda if available, else cpu")
+    x.add_argument("--workers", type=int, default=8, help="threads reading PNGs")
+    h = sub.add_parser("humans", help="CLEVR-Humans questions onto a prepared CLEVR's vocabulary and images")
+    h.add_argument("humans_dir", help="folder with CLEVR-Humans-{train,val,test}.json")
+    h.add_argument("--clevr", required=True, help="the prepared CLEVR directory whose checkpoint you fine-tune")
+    h.add_argument("--out", required=True)
+    q = sub.add_parser("gqa", help="GQA questions and object features (the DACT code's layout) -> prepared")
+    q.add_argument("gqa_dir")
+    q.add_argument("--out", help="default: GQA_DIR/prepared (then train.py --data GQA_DIR finds it)")
+    q.add_argument("--variant", choices=("balanced", "all"), default="balanced", help="training questions")
+    q.add_argument("--val-split", choices=("testdev", "val"), default="testdev",
+                   help="questions for validation, balanced (DACT code: testdev)")
+    return p
+
+
+def main(argv=None):
+    args = _parser().parse_args(argv)
+    try:
+        if args.cmd == "generate":
+            if args.out is None:
+                print(ensure_builtin(args.tiny))
+                return
+            sizes = {k: getattr(args, k) for k in ("train_images", "val_images", "questions_per_image", "image_size")}
+            mini_clevr.generate(args.out, tiny=args.tiny, seed=args.seed, **sizes)
+            size = args.image_size or mini_clevr.BUILTIN["tiny" if args.tiny else "default"]["image_size"]
+            prepare_clevr(args.out, Path(args.out) / "prepared", images="scene-cnn", size=size)
+            # --data alone picks the paper preset (train.py); this data is the built-in kind, so say laptop
+            print(f"train with: python train.py mac --data {args.out} --preset laptop")
+        elif args.cmd == "features":
+            device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+            extract_clevr_features(args.clevr_dir, args.out, splits=args.splits, clevr_iep_std=args.clevr_iep_std,
+                                   batch_size=args.batch_size, dtype="float16" if args.float16 else "float32",
+                                   device=device, workers=args.workers)
+            print(f"next: python prepare.py clevr {args.clevr_dir} --out DIR --images features --features-dir {args.out}")
+        elif args.cmd == "humans":
+            prepare_humans(args.humans_dir, args.clevr, args.out)
+            print(f"fine-tune with: python train.py mac --data {args.out} --init CLEVR_RUN/best.pt")
+        elif args.cmd == "gqa":
+            out = prepare_gqa(args.gqa_dir, args.out, args.variant, args.val_split)
+            print(f"train with: python train.py mac --data {out}")
+        elif args.cmd == "clevr":
+            prepare_clevr(args.clevr_dir, args.out, args.images, args.size, args.vocab, args.features_dir)
+    except DataError as e:
+        sys.exit(f"error: {e}")
+
+
+if __name__ == "__main__":
+    main()
