@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 
+import analyze
 import dact
 import data
 import mac
@@ -325,7 +326,7 @@ def test_gqa_questions_and_objects_line_up(gqa, tmp_path):
     answers = {i: a for a, i in vocab["answer_token_to_idx"].items()}
     assert answers[batch["answer"][1].item()] == "<UNK>"  # "plate" was never a train answer
     names = json.loads((root / "prepared" / "info.json").read_text())["family_names"]
-    assert dact.family_names(root / "prepared") == names and "verifyAttr" in names
+    assert analyze.family_names(root / "prepared") == names and "verifyAttr" in names
     prepare.main(["gqa", str(root), "--out", str(tmp_path / "all"), "--variant", "all"])  # a folder of files
     with h5py.File(tmp_path / "all" / "train_questions.h5") as f:
         assert len(f["questions"]) == len(train_q) + 2
