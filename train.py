@@ -325,11 +325,14 @@ def run_info(argv, cfgs, model_name, wrapper_name, data_dir, info):
 
 
 class Tally:
-    """Sums of loss, right answers and questions, overall and per question kind (answer -100: unknown)."""
+    """Sums of loss, right answers and questions, overall and per question kind (answer -100: unknown).
+    per_question: also keep each question's family, kind and steps, returned by summary() as "questions"
+    (analyze.py's breakdowns by family and step count)."""
 
-    def __init__(self):
+    def __init__(self, per_question=False):
         self.n, self.hits = torch.zeros(2, len(KINDS) + 1, dtype=torch.float64)  # last slot: kind -1
         self.loss, self.rows, self.steps, self.metrics = 0.0, 0, None, {}
+        self.questions = {} if per_question else None
 
     def add(self, out, batch, loss):
         answer, kind = batch["answer"], batch["kind"].clone()
@@ -344,6 +347,10 @@ class Tally:
             self.steps = (self.steps or 0.0) + out["steps"].float().sum().item()
         for k, v in out.get("metrics", {}).items():  # the model's own per-example metrics
             self.metrics[k] = self.metrics.get(k, 0.0) + v.float().sum().item()
+        if self.questions is not None:
+            steps = {"steps": out["steps"].float()} if "steps" in out else {}
+            for k, v in {"family": batch["family"], "kind": batch["kind"], **steps}.items():
+                self.questions.setdefault(k, []).append(v.cpu())
 
     def reduce(self, device):
         """Sum the tallies of all processes of a distributed run (each must call it), so that every
@@ -372,13 +379,15 @@ class Tally:
             rec["avg_steps"] = self.steps / self.rows
         if self.metrics:
             rec["metrics"] = {k: v / self.rows for k, v in self.metrics.items()}
+        if self.questions is not None:
+            rec["questions"] = {k: torch.cat(v) for k, v in self.questions.items()}
         return rec
 
 
 @torch.no_grad()
-def evaluate(model, loader, device, autocast):
+def evaluate(model, loader, device, autocast, per_question=False):
     model.eval()
-    tally = Tally()
+    tally = Tally(per_question)
     for batch in loader:
         batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
         with autocast:
