@@ -3,14 +3,11 @@
 Paper: C. Eyzaguirre, A. Soto, "Differentiable Adaptive Computation Time for Visual Reasoning",
 CVPR 2020, arXiv:2004.12770. Official code: ceyzaguirre4/DACT-MAC (PyTorch).
 
-This file holds the DACT wrapper (Eqs. (1)-(4) for training, the halting rule of Eq. (9) for
-inference, with halted examples really dropped from the batch), and a small command line to
-evaluate, benchmark and plot trained runs:
+This file holds the DACT wrapper: Eqs. (1)-(4) for training, the halting rule of Eq. (9) for
+inference, with halted examples really dropped from the batch. Evaluating, benchmarking and plotting
+trained runs are tools outside it (`python analyze.py eval | dact-plot`, `python bench.py dact`).
 
     python train.py mac dact --tau 5e-3 --max-steps 12 --init runs/mac12/best.pt   # fine-tune, as the paper
-    python dact.py eval  --init RUN/best.pt [--data DIR] [--halt mask]   # steps histogram, per family / kind
-    python dact.py bench --init RUN/best.pt [--mac MAC_RUN/best.pt] [--json FILE]   # MAC vs compact vs mask
-    python dact.py plot  RUN_DIR... [--out DIR]      # Figs. 3, 4, 6 in spirit (needs matplotlib)
     python dact.py                                   # smoke run on a toy step model
 
 The wrapped model (see DESIGN.md) exposes encode(batch) -> ctx, init_state(ctx) -> state,
@@ -22,22 +19,13 @@ Shapes:
     B  batch (b: the rows still running)   A  answers   D  size of halt_input
     N  maximum number of steps (n: the current step, 1-based as in the paper)
 """
-import argparse
 import dataclasses
-import importlib
-import json
-import math
-import time
 from collections import defaultdict
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Literal
 
-import numpy as np
 import torch
 import torch.nn as nn
-
-import data
 
 
 @dataclass
@@ -186,307 +174,6 @@ class DACT(nn.Module):
 Config, Model = DACTConfig, DACT  # names the trainer's registry looks for
 
 
-# ----------------------------------------------------------------------------- loading and evaluating runs
-
-def load_run(path, data_dir=None):
-    """-> (model in eval mode with the EMA weights, checkpoint, data dir) for a train.py checkpoint of
-    any model and wrapper. Modules are imported by the checkpoint's names (train.py's registry maps each
-    name to the module of the same name), so this file imports no model itself."""
-    try:
-        ckpt = data.read_checkpoint(path)
-        data_dir, info = data.checkpoint_data(ckpt, data_dir)
-    except data.DataError as err:
-        raise SystemExit(f"error: {err}")
-    mod = importlib.import_module(ckpt["model_name"])
-    model = mod.Model(data.checkpoint_config(mod.Config, ckpt["config"]["model"]), info)
-    if ckpt["wrapper_name"]:
-        wmod = importlib.import_module(ckpt["wrapper_name"])
-        model = wmod.Model(model, data.checkpoint_config(wmod.Config, ckpt["config"]["wrapper"]))
-    model.load_state_dict(ckpt["ema"])
-    return model.eval(), ckpt, data_dir
-
-
-def family_names(data_dir):
-    """Names of the question families: the built-in mini-CLEVR's, GQA's detailed types (info.json);
-    None for other data (indices only)."""
-    d = Path(data_dir).resolve()
-    if d in {(data.builtin_dir(tiny) / "prepared").resolve() for tiny in (False, True)}:
-        return [f[0] for f in data.FAMILIES]
-    info = d / "info.json"
-    return json.loads(info.read_text()).get("family_names") if info.exists() else None
-
-
-@torch.no_grad()
-def evaluate(model, loader, device):
-    """Accuracy, average steps, the steps histogram, average steps per question family and kind."""
-    model.eval()
-    cols = defaultdict(list)
-    for batch in loader:
-        batch = {k: v.to(device) for k, v in batch.items()}
-        out = model(batch)
-        steps = out.get("steps", torch.full_like(batch["answer"], model.max_steps))
-        cols["hit"].append((out["log_probs"].argmax(1) == batch["answer"]).cpu())
-        cols["steps"].append(steps.float().cpu())
-        for k in ("answer", "family", "kind"):
-            cols[k].append(batch[k].cpu())
-    hit, steps, answer, family, kind = (torch.cat(cols[k]) for k in ("hit", "steps", "answer", "family", "kind"))
-    known = answer != -100
-    mean = lambda x: x.float().mean().item() if len(x) else None
-    return {"acc": mean(hit[known]), "avg_steps": mean(steps), "n": len(hit),
-            "steps_hist": torch.bincount(steps.long(), minlength=model.max_steps + 1)[1:].tolist(),  # steps 1..N
-            "acc_by_kind": {k: mean(hit[known & (kind == i)]) for i, k in enumerate(data.QUESTION_KINDS)},
-            "steps_by_kind": {k: mean(steps[kind == i]) for i, k in enumerate(data.QUESTION_KINDS)},
-            "steps_by_family": {int(f): mean(steps[family == f]) for f in family.unique().tolist()}}
-
-
-def show_eval(rec, names=None):
-    pct = lambda x: "-" if x is None else f"{100 * x:.1f}%"
-    lines = [f"acc {pct(rec['acc'])}, average steps {rec['avg_steps']:.2f} ({rec['n']} questions)", "steps histogram:"]
-    top = max(rec["steps_hist"]) or 1
-    lines += [f"  {n:3d} {c:7d} {'#' * round(40 * c / top)}" for n, c in enumerate(rec["steps_hist"], 1)]
-    lines += ["per kind: accuracy, average steps"]
-    lines += [f"  {k:18s} {pct(rec['acc_by_kind'][k]):>6s} {s or 0:6.2f}" for k, s in rec["steps_by_kind"].items()]
-    lines += ["per family (by average steps):"]
-    for f, s in sorted(rec["steps_by_family"].items(), key=lambda kv: kv[1]):
-        lines.append(f"  {f:3d} {names[f] if names and f < len(names) else '':22s} {s:6.2f}")
-    return "\n".join(lines)
-
-
-def pick_device(name):
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
-def cmd_eval(args):
-    model, ckpt, data_dir = load_run(args.init, args.data)
-    if args.halt:
-        if ckpt["wrapper_name"] != "dact":
-            raise SystemExit(f"error: --halt is for DACT runs; {args.init} has wrapper {ckpt['wrapper_name']}")
-        model.cfg = dataclasses.replace(model.cfg, halt=args.halt)
-    device = pick_device(args.device)
-    rec = evaluate(model.to(device), data.make_loader(data_dir, "val", args.batch_size, shuffle=False), device)
-    print(f"{args.init} ({ckpt['model_name']} {ckpt['wrapper_name'] or ''}) on {data_dir} val, {device}:")
-    print(show_eval(rec, family_names(data_dir)))
-    if args.json:
-        Path(args.json).write_text(json.dumps(rec, indent=1) + "\n")
-    return rec
-
-
-# ----------------------------------------------------------------------------- benchmark
-
-@torch.inference_mode()
-def time_model(model, batches, device, repeats):
-    """-> (questions per second, best of `repeats` passes after one warm-up batch), accuracy, avg steps."""
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    model(batches[0])
-    best, n = math.inf, sum(len(b["answer"]) for b in batches)
-    for _ in range(repeats):
-        sync()
-        t0, hits, steps = time.perf_counter(), 0, 0.0
-        for b in batches:
-            out = model(b)
-            hits += (out["log_probs"].argmax(1) == b["answer"]).sum()
-            steps += out["steps"].sum() if "steps" in out else model.max_steps * len(b["answer"])
-        sync()
-        best = min(best, time.perf_counter() - t0)
-    return n / best, float(hits) / n, float(steps) / n
-
-
-def cmd_bench(args):
-    dact, ckpt, data_dir = load_run(args.init, args.data)
-    if ckpt["wrapper_name"] != "dact":
-        raise SystemExit(f"error: {args.init} is not a DACT run (wrapper {ckpt['wrapper_name']})")
-    mac, mac_name = dact.inner, f"{ckpt['model_name']}, all {dact.inner.max_steps} steps (DACT's inner model)"
-    if args.mac:
-        mac, mac_ckpt, _ = load_run(args.mac, data_dir)
-        mac_name = f"{mac_ckpt['model_name']}, all {mac.max_steps} steps ({args.mac})"
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    batches = list(data.make_loader(data_dir, "val", args.batch_size, shuffle=False))
-    if args.limit:
-        batches = batches[:max(1, -(-args.limit // args.batch_size))]
-    devices = args.devices or (["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"])
-    result = {"checkpoint": args.init, "mac": args.mac or None, "batch_size": args.batch_size, "threads":
-              torch.get_num_threads(), "questions": sum(len(b["answer"]) for b in batches), "torch": torch.__version__,
-              "max_steps": dact.max_steps, "devices": {}}
-    print(f"inference on {result['questions']} val questions of {data_dir}, batch {args.batch_size}, "
-          f"best of {args.repeats}, {result['threads']} CPU threads")
-    for dev in devices:
-        device = torch.device(dev)
-        on = [{k: v.to(device) for k, v in b.items()} for b in batches]
-        rows = []
-        variants = [(mac_name, mac, None), ("DACT compact", dact, "compact"), ("DACT mask", dact, "mask")]
-        for name, model, halt in variants:
-            if halt:
-                model.cfg = dataclasses.replace(model.cfg, halt=halt)
-            qps, acc, steps = time_model(model.to(device).eval(), on, device, args.repeats)
-            rows.append({"name": name, "questions_per_s": qps, "acc": acc, "avg_steps": steps})
-        for r in rows:
-            r["speedup_vs_mac"] = r["questions_per_s"] / rows[0]["questions_per_s"]
-        result["devices"][dev] = rows
-        print(f"{dev}:\n  {'':55s} {'q/s':>9s} {'x base':>6s} {'acc':>7s} {'steps':>6s}")
-        for r in rows:
-            print(f"  {r['name']:55s} {r['questions_per_s']:9.0f} {r['speedup_vs_mac']:6.2f} "
-                  f"{100 * r['acc']:6.2f}% {r['avg_steps']:6.2f}")
-    if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=1) + "\n")
-    return result
-
-
-# ----------------------------------------------------------------------------- figures
-
-def run_summary(run_dir):
-    """The best val record of a run: accuracy and average steps (a MAC's own step count if fixed)."""
-    run_dir = Path(run_dir)
-    run = json.loads((run_dir / "run.json").read_text())
-    val = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    val = [r for r in val if r["split"] == "val"]
-    if not val:
-        raise SystemExit(f"error: {run_dir} has no val record yet")
-    best = max(val, key=lambda r: r["acc"])
-    wrapper, cfg = run["wrapper"], run["config"]
-    steps = best.get("avg_steps") or cfg["model"].get("max_steps")
-    label = (f"{wrapper.upper()} tau={cfg['wrapper']['tau']:g} ({run_dir.name})" if wrapper
-             else f"{run['model'].upper()} {steps} steps ({run_dir.name})")
-    return {"dir": str(run_dir), "wrapper": wrapper, "tau": wrapper and cfg["wrapper"]["tau"], "acc": best["acc"],
-            "avg_steps": steps, "label": label}
-
-
-def cmd_plot(args):
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        raise SystemExit("error: `python dact.py plot` draws with matplotlib, which is not installed: "
-                         "pip install matplotlib (nothing else in this project needs it)")
-    out = Path(args.out or args.runs[0])
-    out.mkdir(parents=True, exist_ok=True)
-    runs = [run_summary(r) for r in args.runs]
-
-    # Fig. 4: accuracy against average steps; DACT in colour, ACT as grey crosses, fixed MACs as diamonds
-    fig, ax = plt.subplots(figsize=(6, 4.5))
-    macs = sorted((r for r in runs if not r["wrapper"]), key=lambda r: r["avg_steps"])
-    if macs:
-        ax.plot([r["avg_steps"] for r in macs], [100 * r["acc"] for r in macs], "kD--", label="MAC, fixed steps")
-        ax.axhline(100 * max(r["acc"] for r in macs), color="k", ls=":", lw=1)
-    for r in runs:
-        if r["wrapper"] == "dact":
-            ax.scatter(r["avg_steps"], 100 * r["acc"], s=60, label=r["label"])
-        elif r["wrapper"]:
-            ax.scatter(r["avg_steps"], 100 * r["acc"], marker="x", color="gray", s=60, label=r["label"])
-    ax.set(xlabel="average steps", ylabel="val accuracy (%)", title="accuracy vs computation (Fig. 4)")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out / "fig4_acc_vs_steps.png", dpi=120)
-    print(f"wrote {out / 'fig4_acc_vs_steps.png'}")
-
-    # Fig. 3: average steps per question family of each adaptive run (RUN/eval.json, made once)
-    adaptive = [r for r in runs if r["wrapper"]]
-    for r in adaptive:
-        cache = Path(r["dir"]) / "eval.json"
-        if not cache.exists():
-            model, _, data_dir = load_run(Path(r["dir"]) / "best.pt", args.data)
-            rec = evaluate(model, data.make_loader(data_dir, "val", 256, shuffle=False), torch.device("cpu"))
-            cache.write_text(json.dumps(dict(rec, data_dir=str(data_dir)), indent=1) + "\n")
-        r["eval"] = json.loads(cache.read_text())
-    if adaptive:
-        fig, axes = plt.subplots(len(adaptive), 1, figsize=(10, 2.6 * len(adaptive)), squeeze=False)
-        for ax, r in zip(axes[:, 0], adaptive):
-            fam = sorted(r["eval"]["steps_by_family"].items(), key=lambda kv: kv[1])
-            names = family_names(r["eval"]["data_dir"])
-            ax.bar(range(len(fam)), [s for _, s in fam])
-            ax.set_xticks(range(len(fam)), [names[int(f)] if names else f for f, _ in fam], rotation=70, fontsize=7)
-            ax.set(ylabel="avg steps", title=f"{r['label']}: {100 * r['eval']['acc']:.1f}%, "
-                                             f"{r['eval']['avg_steps']:.2f} steps (Fig. 3)")
-        fig.tight_layout()
-        fig.savefig(out / "fig3_steps_per_family.png", dpi=120)
-        print(f"wrote {out / 'fig3_steps_per_family.png'}")
-
-    # Fig. 6: per step, the image and question attention, the intermediate answer and p_n, for one question
-    first = next((r for r in runs if r["wrapper"] == "dact"), None)
-    if first:
-        model, _, data_dir = load_run(Path(first["dir"]) / "best.pt", args.data)
-        split = data.Split(data_dir, "val")
-        batch = split.batch(np.array([args.question]))
-        tr = {k: v[0] for k, v in model.trace(batch).items()}
-        vocab = json.loads((data_dir / "vocab.json").read_text())
-        words = {i: w for w, i in vocab["question_token_to_idx"].items()}
-        answers = data.load_info(data_dir)["answers"]
-        tokens = [words[int(i)] for i in batch["question"][0, :int(batch["question_len"][0])]]
-        n_show = int(tr["halt_step"])
-        fig = plt.figure(figsize=(2.2 * n_show + 1, 6.5))
-        grid = fig.add_gridspec(3, n_show, height_ratios=[2, 1.5, 1.2])
-        image = batch["image"][0]
-        for n in range(n_show):
-            ax = fig.add_subplot(grid[0, n])
-            if "read_attn" in tr:
-                K = tr["read_attn"].size(-1)
-                s = math.isqrt(K)
-                extent = (0, image.size(2), image.size(1), 0)
-                if split.is_pixels:
-                    ax.imshow(image.permute(1, 2, 0).numpy(), extent=extent)
-                ax.imshow(tr["read_attn"][n].view(s, s).numpy(), cmap="jet", alpha=0.45, extent=extent)
-            y_top = int(tr["y"][n].argmax())
-            ax.set_title(f"step {n + 1}: {answers[y_top]} ({tr['y'][n, y_top]:.2f})\np_n {tr['p'][n]:.3f}", fontsize=8)
-            ax.axis("off")
-        if "control_attn" in tr:
-            ax = fig.add_subplot(grid[1, :])
-            ax.imshow(tr["control_attn"][:n_show, :len(tokens)].numpy(), cmap="Blues", aspect="auto")
-            ax.set_xticks(range(len(tokens)), tokens, rotation=60, fontsize=7)
-            ax.set_yticks(range(n_show), [f"step {n + 1}" for n in range(n_show)], fontsize=7)
-        ax = fig.add_subplot(grid[2, :])
-        final = int(tr["a"][n_show - 1].argmax())
-        steps = range(1, model.max_steps + 1)
-        ax.plot(steps, tr["p"].numpy(), "o-", label="p_n")
-        ax.plot(steps, tr["a"][:, final].numpy(), "s-", label=f"a_n['{answers[final]}']")
-        ax.plot(steps, tr["y"][:, final].numpy(), "^:", label=f"y_n['{answers[final]}']")
-        ax.axvline(n_show, color="gray", ls=":")
-        ax.set(xlabel="step n (dotted: halted by Eq. (9))", ylim=(-0.05, 1.05))
-        ax.legend(fontsize=7)
-        truth = answers[int(batch["answer"][0])] if int(batch["answer"][0]) >= 0 else "?"
-        fig.suptitle(f"{' '.join(tokens[1:-1])}? answer {answers[final]} (true: {truth}) (Fig. 6)", fontsize=9)
-        fig.tight_layout()
-        fig.savefig(out / f"fig6_question{args.question}.png", dpi=120)
-        print(f"wrote {out / f'fig6_question{args.question}.png'}")
-
-
-# ----------------------------------------------------------------------------- command line
-
-def main(argv=None):
-    p = argparse.ArgumentParser(prog="dact.py", description=__doc__.split("\n\n")[0])
-    sub = p.add_subparsers(dest="cmd")
-    e = sub.add_parser("eval", help="accuracy, steps histogram, steps per family and kind on val")
-    b = sub.add_parser("bench", help="inference throughput: MAC all steps vs DACT compact vs DACT mask")
-    f = sub.add_parser("plot", help="figures from run directories (matplotlib)")
-    for s in (e, b):
-        s.add_argument("--init", required=True, help="a train.py checkpoint, e.g. RUN/best.pt")
-    for s in (e, b, f):
-        s.add_argument("--data", help="prepared data directory (default: the one the run was trained on)")
-    e.add_argument("--halt", choices=("compact", "mask"), help="override the checkpoint's --halt")
-    e.add_argument("--batch-size", type=int, default=256)
-    e.add_argument("--device", default="auto")
-    e.add_argument("--json", help="also write the figures to this JSON file")
-    b.add_argument("--mac", help="a fixed-step MAC checkpoint for the baseline row (default: DACT's inner model)")
-    b.add_argument("--batch-size", type=int, default=256)
-    b.add_argument("--devices", nargs="+", choices=("cpu", "cuda"), help="default: cpu, and cuda if available")
-    b.add_argument("--limit", type=int, default=0, help="time only the first LIMIT val questions (0: all)")
-    b.add_argument("--repeats", type=int, default=3, help="report the fastest of this many passes")
-    b.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
-    b.add_argument("--json", help="also write the figures to this JSON file")
-    f.add_argument("runs", nargs="+", help="run directories (MAC, ACT and DACT runs)")
-    f.add_argument("--out", help="where to write the figures (default: the first run directory)")
-    f.add_argument("--question", type=int, default=0, help="val question index for Fig. 6")
-    args = p.parse_args(argv)
-    try:
-        if args.cmd is None:
-            return smoke()
-        return {"eval": cmd_eval, "bench": cmd_bench, "plot": cmd_plot}[args.cmd](args)
-    except data.DataError as err:
-        raise SystemExit(f"error: {err}")
-
-
 class Toy(nn.Module):
     """The smallest model with the step protocol: a GRU cell over a vector (for the smoke run)."""
     max_steps, halt_dim = 6, 8
@@ -529,4 +216,4 @@ def smoke():
 
 
 if __name__ == "__main__":
-    main()
+    smoke()

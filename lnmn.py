@@ -6,22 +6,20 @@ LANTERN workshop at EMNLP 2019, arXiv:1905.11532. Official code: vardaan123/LNMN
 
 This file holds the generic cells (attention and answer modules with 3 and 4 inputs, Sec. 3.1), the
 module inventories of Table 3, `LNMN` (Stack-NMN's input unit, controller, stack and output unit from
-stack_nmn.py, with these cells as its modules; Sec. 3.2), the losses of Algorithm 2, and the analysis:
+stack_nmn.py, with these cells as its modules; Sec. 3.2) and the losses of Algorithm 2. The analysis
+of a trained run is a tool outside it (`python analyze.py lnmn`):
 
     python train.py lnmn [--modules 9|11|14]     # weights on training batches, alphas on a held-out slice
     python train.py lnmn --cells stack           # not in the paper: Stack-NMN's modules as fixed cells
     python train.py lnmn --compare pooled        # not in the paper: 4-input answer cells = Stack-NMN's Compare
-    python lnmn.py analyze RUN/best.pt [--max-batches N] [--out DIR]
+    python analyze.py lnmn RUN [--max-batches N] [--out DIR]
         # Fig. 3 (alpha heat map), Table 6 (expressions), Table 7 (operator ablation), Table 2 (hard-max)
     python lnmn.py                               # smoke run
 
 Shapes: as stack_nmn.py, and d = cfg.map_dim (node channels), N = 6 operators, k = nodes of a cell.
 """
-import argparse
 import collections
-import json
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Literal
 
 import numpy as np
@@ -29,7 +27,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import data
 import stack_nmn
 from stack_nmn import pop, push, read, write
 
@@ -289,76 +286,6 @@ class LNMN(stack_nmn.StackNMN):
 Config, Model = LNMNConfig, LNMN  # names the trainer's registry looks for
 
 
-# ----------------------------------------------------------------------------- analysis (Sec. 4.3, 4.4)
-
-@torch.no_grad()
-def accuracy(model, loader, max_batches=0):
-    """Overall and per-kind val accuracy."""
-    hits, n = np.zeros(len(data.QUESTION_KINDS) + 1), np.zeros(len(data.QUESTION_KINDS) + 1)
-    for b, batch in enumerate(loader):
-        if max_batches and b >= max_batches:
-            break
-        right = (model(batch)["log_probs"].argmax(-1) == batch["answer"]).numpy()
-        np.add.at(hits, batch["kind"].numpy(), right)
-        np.add.at(n, batch["kind"].numpy(), 1)
-    row = {"Overall": hits.sum() / max(n.sum(), 1)}
-    row.update({k: hits[i] / n[i] for i, k in enumerate(data.QUESTION_KINDS) if n[i]})
-    return row
-
-
-def analyze(args):
-    if getattr(args, "threads", 0):
-        torch.set_num_threads(args.threads)
-    model, info, d = stack_nmn.load_run(args.ckpt, args.data, models=("lnmn",))
-    bank = model.modules_
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    alphas = {name: cell.alpha.detach().softmax(-1)                      # not a pooled cell's: unused
-              for name, cell in zip(bank.names[1:], bank.cells) if not cell.pooled}
-    print("softmax(alpha) per module and node (Fig. 3):")
-    print(f"  {'':12s}" + "".join(f"{o:>9s}" for o in OPS))
-    for name, a in alphas.items():
-        for k, row in enumerate(a):
-            print(f"  {name + f' n{k + 1}':12s}" + "".join(f"{v:9.3f}" for v in row.tolist()))
-    print("\nanalytical expressions from the argmax ops (Table 6):")
-    exprs = {name: cell.expression() for name, cell in zip(bank.names[1:], bank.cells)}
-    for name, e in exprs.items():
-        print(f"  {name:8s} {e}")
-    loader = data.make_loader(d, "val", 128, shuffle=False)
-    rows = {"original": accuracy(model, loader, args.max_batches)}
-    bank.hard = True
-    rows["hard-max alphas (Table 2)"] = accuracy(model, loader, args.max_batches)
-    bank.hard = False
-    for i, op in enumerate(OPS):                                         # Table 7: zero op i in every node
-        bank.op_mask = torch.ones(len(OPS)).index_fill_(0, torch.tensor([i]), 0.0)
-        rows[f"without {op}"] = accuracy(model, loader, args.max_batches)
-    bank.op_mask = None
-    cols = ["Overall", *[k for k in data.QUESTION_KINDS if k in rows["original"]]]
-    print(f"\nval accuracy (%){f', first {args.max_batches} batches' if args.max_batches else ''} (Tables 7, 2):")
-    print(f"  {'':28s}" + "".join(f"{c[:14]:>15s}" for c in cols))
-    for name, r in rows.items():
-        print(f"  {name:28s}" + "".join(f"{100 * r[c]:15.2f}" for c in cols))
-    (out / "analysis.json").write_text(json.dumps(
-        {"alphas": {k: v.tolist() for k, v in alphas.items()}, "expressions": exprs, "accuracy": rows}, indent=1))
-    print(f"\nwrote {out / 'analysis.json'}")
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("no matplotlib: the heat map (Fig. 3) is skipped (pip install matplotlib); the numbers are above")
-        return
-    fig, axes = plt.subplots(1, len(alphas), figsize=(2.2 * len(alphas), 2.2))
-    for ax, (name, a) in zip(np.atleast_1d(axes), alphas.items()):
-        ax.imshow(a.numpy(), cmap="viridis", vmin=0, vmax=1)
-        ax.set_title(name, fontsize=8)
-        ax.set_xticks(range(len(OPS)), OPS, rotation=90, fontsize=6)
-        ax.set_yticks(range(len(a)), [f"node {k + 1}" for k in range(len(a))], fontsize=6)
-    fig.tight_layout()
-    fig.savefig(out / "alphas.png", dpi=120)
-    print(f"wrote {out / 'alphas.png'}")
-
-
 def smoke():
     torch.manual_seed(0)
     info = dict(num_words=20, num_answers=7, image_kind="features", image_shape=(18, 6, 6))
@@ -374,13 +301,4 @@ def smoke():
 
 
 if __name__ == "__main__":
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    sub = ap.add_subparsers(dest="cmd")
-    a = sub.add_parser("analyze", help="alpha heat map, expressions, operator ablation, hard-max accuracy")
-    a.add_argument("ckpt")
-    a.add_argument("--data", default=None, help="prepared data (default: the checkpoint's)")
-    a.add_argument("--max-batches", type=int, default=0, help="evaluate on the first N val batches (0: all)")
-    a.add_argument("--out", default="lnmn_analysis", help="folder for analysis.json and alphas.png")
-    a.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
-    args = ap.parse_args()
-    analyze(args) if args.cmd == "analyze" else smoke()
+    smoke()

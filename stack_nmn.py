@@ -12,7 +12,7 @@ and `StackNMN` with the step protocol of DESIGN.md (so `python train.py stack_nm
 
     python train.py stack_nmn --layout gt            # supervised by the expert layout (layout loss)
     python train.py stack_nmn --layout scratch       # from scratch, entropy sharpening ramped in late
-    python stack_nmn.py figure RUN/best.pt [--index 0] [--out fig.png]   # w(t) and attention per step
+    python analyze.py stack-figure RUN [--index 0] [--out fig.png]   # w(t) and attention per step
     python stack_nmn.py                              # smoke run
 
 Shapes:
@@ -21,11 +21,9 @@ Shapes:
     Dk  knowledge base   Dm  memory
     T  controller steps   L  stack slots   M  modules (9)   A  answers
 """
-import argparse
 import math
 from dataclasses import dataclass
 from functools import lru_cache
-from pathlib import Path
 from typing import Literal
 
 import torch
@@ -380,65 +378,6 @@ def _layout(tokens):
 Config, Model = StackNMNConfig, StackNMN  # names the trainer's registry looks for
 
 
-# ----------------------------------------------------------------------------- loading a run, the figure
-
-def load_run(path, data_dir=None, models=("stack_nmn", "lnmn")):
-    """(model with the checkpoint's EMA weights in eval mode, info, data dir) from a train.py checkpoint
-    (or run directory) of one of `models`; a wrapper's (DACT's) checkpoint gives the model inside it."""
-    import importlib
-    try:
-        ckpt = data.read_checkpoint(path, models)
-        d, info = data.checkpoint_data(ckpt, data_dir)
-    except data.DataError as err:
-        raise SystemExit(f"error: {err}")
-    mod = importlib.import_module(ckpt["model_name"])
-    model = mod.Model(data.checkpoint_config(mod.Config, ckpt["config"]["model"]), info)
-    prefix = ckpt.get("prefix", "")
-    model.load_state_dict({k[len(prefix):]: v for k, v in ckpt["ema"].items() if k.startswith(prefix)})
-    return model.eval(), info, d
-
-
-def figure(args):
-    """Module weights per step and the map under the stack pointer per step, for one val question."""
-    model, info, d = load_run(args.ckpt, args.data)
-    split = data.Split(d, "val")
-    batch = split.batch([args.index])
-    with torch.no_grad():
-        ctx, states = model.run(batch)
-        pred = model.classify(ctx, states[-1]).argmax(-1).item()
-    vocab = data.load_vocab(Path(d) / "vocab.json")["question_token_to_idx"]
-    words = {i: w for w, i in vocab.items()}
-    question = " ".join(words[i] for i in batch["question"][0].tolist() if i > data.UNK)
-    w = torch.stack([s["module_logits"][0].softmax(-1) for s in states])   # (T, M)
-    H, W = batch["image"].shape[-2:]
-    maps = [s["attn"][0].softmax(-1).reshape(H, W) for s in states]
-    print(f"{question}?  predicted {info['answers'][pred]}, answer {info['answers'][batch['answer'][0]]}")
-    for t, row in enumerate(w):
-        print(f"step {t + 1}: " + ", ".join(f"{model.module_names[m]} {row[m]:.2f}" for m in row.argsort(descending=True)[:3]))
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        raise SystemExit("the figure needs matplotlib: pip install matplotlib (the text above has the same numbers)")
-    T = len(states)
-    fig, ax = plt.subplots(2, T, figsize=(1.6 * T, 4.2), gridspec_kw={"height_ratios": [2, 1]})
-    gs = ax[0, 0].get_gridspec()
-    for a in ax[0]:
-        a.remove()
-    top = fig.add_subplot(gs[0, :])
-    top.imshow(w.t().numpy(), cmap="viridis", aspect="auto", vmin=0, vmax=1)
-    top.set_yticks(range(len(model.module_names)), model.module_names)
-    top.set_xticks(range(T), [f"t={t + 1}" for t in range(T)])
-    top.set_title(f"{question}? -> {info['answers'][pred]}", fontsize=9)
-    for t in range(T):
-        ax[1, t].imshow(maps[t].numpy(), cmap="gray")
-        ax[1, t].set_axis_off()
-    fig.tight_layout()
-    fig.savefig(args.out, dpi=120)
-    print(f"wrote {args.out}")
-
-
 def smoke():
     torch.manual_seed(0)
     info = dict(num_words=20, num_answers=7, image_kind="features", image_shape=(18, 6, 6),
@@ -456,12 +395,4 @@ def smoke():
 
 
 if __name__ == "__main__":
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    sub = ap.add_subparsers(dest="cmd")
-    f = sub.add_parser("figure", help="module weights and attention per step for one val question")
-    f.add_argument("ckpt")
-    f.add_argument("--data", default=None, help="prepared data (default: the checkpoint's)")
-    f.add_argument("--index", type=int, default=0, help="val question")
-    f.add_argument("--out", default="stack_nmn_figure.png")
-    args = ap.parse_args()
-    figure(args) if args.cmd == "figure" else smoke()
+    smoke()

@@ -1,4 +1,4 @@
-"""Batched topological execution of program trees, against per-example execution, with its benchmark.
+"""Batched topological execution of program trees, against per-example execution.
 
 Paper: J. Suarez, C. Zhu, "Fast and CLEVR Visual Reasoning Programs via Improved Topologically
 Batched Graph Execution", poster, 2017 (no arXiv id; text in ../shared/papers/fast-clevr-topological-batching.md).
@@ -11,15 +11,16 @@ tokens, one module call per node, as clevr-iep runs it); the plan (`make_plan`: 
 batch as index tensors, made once before execution so its cost can be measured on its own); the
 topological executor (`run_topo`: all nodes of the batch grouped by (height, module), one call per
 group, rows moved between levels with index_select / split / cat); going further, `run_level` (one
-call per level and architecture, each node running its own module's gathered weights); and
-`python topo_exec.py bench`, which measures them side by side.
+call per level and architecture, each node running its own module's gathered weights); and clevr-iep's
+modules (`make_bank`), which pg_ee.py's execution engine uses too. `python bench.py topo` measures the
+executors side by side.
 
 Memory: a level's input is a gathered copy of its children's outputs. Autograd keeps those outputs
 anyway, so keeping the copy too would cost one tensor per node more than per-example execution;
 `Regather` drops the copies and gathers them again in backward (regather=True, the default).
 
-    python topo_exec.py                       # tiny smoke run: both executors agree, call counts
-    python topo_exec.py bench [--json FILE] [--batch-sizes 1 8 64 ...] [--device cpu|cuda]
+    python topo_exec.py                       # tiny smoke run: every executor agrees, call counts
+    python bench.py topo [--batch-sizes 1 8 64 ...] [--device cpu|cuda] [--json FILE]   # the benchmark
 
 Shapes:
     B  programs (= images) in the batch     N  nodes in the batch     n  nodes in one group
@@ -35,15 +36,10 @@ Schedules (REFERENCE.md, "Topological batched execution"):
                have run (the agenda of DyNet's autobatching, Neubig et al. 2017): a node may wait past
                its height to join a later call of its module, so calls fall below height's
 """
-import argparse
 import collections
 import contextlib
-import ctypes
-import dataclasses
 import functools
 import itertools
-import json
-import time
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -248,7 +244,15 @@ def make_plan(programs, bank, schedule="height", device="cpu"):
     schedule: "height" (the improved sort, levels = max height + 1), "postorder" (the official
     code's ranks, levels = longest program) or "agenda" (one module per level, see agenda_levels)."""
     assert schedule in ("height", "postorder", "agenda"), schedule
-    # 1. the nodes of the whole batch, program after program, each in prefix order (root first)
+    nodes = batch_nodes(programs, bank, schedule)
+    levels, placed, feed_items = lay_out(nodes, bank, device)
+    feed, root_gather = connect(levels, nodes, placed, feed_items, len(programs), device)
+    return Plan(len(programs), len(nodes["keys"]), schedule, feed, levels, root_gather)
+
+
+def batch_nodes(programs, bank, schedule):
+    """Step 1: the nodes of the whole batch, program after program, each in prefix order (root first):
+    their bank keys, children, levels, programs, and whether each is its program's root."""
     keys, kids, level_of, example, is_root = [], [], [], [], []
     key_cache = {}
     for b, tokens in enumerate(programs):
@@ -263,9 +267,15 @@ def make_plan(programs, bank, schedule="height", device="cpu"):
             is_root.append(len(keys) == base + 1)
     if schedule == "agenda":
         level_of = agenda_levels(keys, kids)
-    num_nodes, num_levels = len(keys), max(level_of) + 1
+    return {"keys": keys, "kids": kids, "level_of": level_of, "example": example, "is_root": is_root}
 
-    # 2. layout: node k is row out_row[k] of group out_group[k]; child c feeds row dest[c] of its parent's X
+
+def lay_out(nodes, bank, device):
+    """Step 2, the layout: node k is row out_row[k] of group out_group[k]; child c feeds row dest[c] of its
+    parent's X; a leaf reads its image's features (feed_items: (level, row of X, image)).
+    -> (levels without routes and gathers, (out_group, out_row, dest), feed_items)."""
+    keys, kids, level_of, example = nodes["keys"], nodes["kids"], nodes["level_of"], nodes["example"]
+    num_nodes, num_levels = len(keys), max(level_of) + 1
     classes = bank_classes(bank)
     class_of = {key: cls for cls, ks in classes.items() for key in ks}
     members = [{} for _ in range(num_levels)]  # level -> module key -> node ids
@@ -294,9 +304,15 @@ def make_plan(programs, bank, schedule="height", device="cpu"):
             level.classes.append((cls, m, len(sizes), _index(ids, device)))
             x_row += slots * m
         levels.append(level)
+    return levels, (out_group, out_row, dest), feed_items
 
-    # 3. routes, in the order run_topo sends: features, then level by level, group by group; each
-    #    chunk goes to one level, its rows sorted as they sit there. Roots go to the last inbox.
+
+def connect(levels, nodes, placed, feed_items, batch_size, device):
+    """Steps 3 and 4: the routes, in the order run_topo sends (features, then level by level, group by
+    group; each chunk goes to one level, its rows sorted as they sit there; roots go to the last inbox),
+    and the gathers (the permutation from arrival order to row order, per level and for the roots).
+    Sets each level's route and gather; -> (the features' route, the roots' gather)."""
+    (out_group, out_row, dest), num_levels = placed, len(levels)
     arrivals = [[] for _ in range(num_levels + 1)]  # per destination: its rows in arrival order
 
     def route(items, sizes):  # items per source group: (destination level, destination row, source row)
@@ -309,14 +325,13 @@ def make_plan(programs, bank, schedule="height", device="cpu"):
                 arrivals[to] += [row for _, row, _ in run]
         return chunks
     sent = [[[] for _ in level.groups] for level in levels]
-    for k in range(num_nodes):
-        item = (num_levels, example[k]) if is_root[k] else dest[k]
-        sent[level_of[k]][out_group[k]].append((*item, out_row[k]))
-    feed = route([feed_items], [len(programs)])
+    for k in range(len(nodes["keys"])):
+        item = (num_levels, nodes["example"][k]) if nodes["is_root"][k] else dest[k]
+        sent[nodes["level_of"][k]][out_group[k]].append((*item, out_row[k]))
+    feed = route([feed_items], [batch_size])
     for h, level in enumerate(levels):
         level.route = route(sent[h], level.sizes)
 
-    # 4. gathers: the permutation from arrival order to row order, per level and for the roots
     def gather(arrived):
         order = [0] * len(arrived)
         for pos, row in enumerate(arrived):
@@ -324,7 +339,7 @@ def make_plan(programs, bank, schedule="height", device="cpu"):
         return None if order == list(range(len(order))) else _index(order, device)
     for h, level in enumerate(levels):
         level.gather = gather(arrivals[h])
-    return Plan(len(programs), num_nodes, schedule, feed, levels, gather(arrivals[num_levels]))
+    return feed, gather(arrivals[num_levels])
 
 
 # ------------------------------------------------------------------------------------------------
@@ -471,24 +486,19 @@ def run_level(plan, bank, feats, regather=True):
     return _receive(inbox[-1], plan.root_gather)[0]  # (B, C, H, W)
 
 
-# ------------------------------------------------------------------------------------------------
-# Benchmark: an IEP-sized module bank on CLEVR-shaped programs, every executor side by side
-# ------------------------------------------------------------------------------------------------
+# Every executor by name: the naive one, the topological one with each schedule, and run_level
+EXECUTORS = {  # name -> (schedule of its plan, or None for no plan; run function)
+    "naive": (None, lambda plan, programs, bank, feats: run_naive(programs, bank, feats)),
+    "topo": ("height", lambda plan, programs, bank, feats: run_topo(plan, bank, feats)),
+    "postorder": ("postorder", lambda plan, programs, bank, feats: run_topo(plan, bank, feats)),
+    "agenda": ("agenda", lambda plan, programs, bank, feats: run_topo(plan, bank, feats)),
+    "level": ("height", lambda plan, programs, bank, feats: run_level(plan, bank, feats)),
+}
 
-@dataclass
-class BenchConfig:
-    batch_sizes: tuple = ()  # default: 1 8 64 256 512 1024 on CUDA, 1 8 64 on CPU (its convs are slow)
-    executors: tuple = ("naive", "topo", "postorder", "agenda", "level")  # naive and the schedules at the top
-    channels: int = 128  # REFERENCE.md PG+EE: the execution engine's modules are 128 wide
-    size: int = 14  # REFERENCE.md: ResNet-101 conv4 features are 14 x 14
-    repeats: int = 5  # timed runs per figure (the best is reported), after one warm-up run
-    budget_s: float = 20.0  # stop repeating a figure once its runs have taken this long
-    num_images: int = 200  # built-in mini-CLEVR images whose questions (10 each) make the program pool
-    seed: int = 0
-    device: str = "auto"  # auto: cuda when available, else cpu
-    steady_allocator: bool = True  # on CPU, fix glibc's malloc thresholds (see _steady_cpu_allocator)
-    json: str = ""  # also write the figures to this JSON file
 
+# ------------------------------------------------------------------------------------------------
+# The modules: clevr-iep's execution engine, and programs of the built-in generator to run
+# ------------------------------------------------------------------------------------------------
 
 class ResBlock(nn.Module):
     """clevr-iep's unary (and scene) module: conv3x3, ReLU, conv3x3, + identity, ReLU (REFERENCE.md)."""
@@ -522,213 +532,13 @@ def make_bank(tokens, channels):
 
 def clevr_programs(num_images, seed=0):
     """Prefix programs of the built-in mini-CLEVR generator's questions (10 per image)."""
-    _, questions = data.generate_split(np.random.default_rng(seed), "train", num_images, 10, 64)
+    import mini_clevr  # the generator: imported when used
+    _, questions = mini_clevr.generate_split(np.random.default_rng(seed), "train", num_images, 10, 64)
     return [data.list_to_prefix(q["program"]) for q in questions]
 
 
-EXECUTORS = {  # name -> (schedule of its plan, or None for no plan; run function)
-    "naive": (None, lambda plan, programs, bank, feats: run_naive(programs, bank, feats)),
-    "topo": ("height", lambda plan, programs, bank, feats: run_topo(plan, bank, feats)),
-    "postorder": ("postorder", lambda plan, programs, bank, feats: run_topo(plan, bank, feats)),
-    "agenda": ("agenda", lambda plan, programs, bank, feats: run_topo(plan, bank, feats)),
-    "level": ("height", lambda plan, programs, bank, feats: run_level(plan, bank, feats)),
-}
-
-
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    elif device.type == "mps":
-        torch.mps.synchronize()
-
-
-def _timed(fn, device, repeats, budget_s):
-    """Best wall time of fn in ms, device work included, after one warm-up run. The best of a few
-    runs, not the median: what the code costs, less what other processes on the machine took."""
-    fn()
-    times = []
-    while len(times) < max(repeats, 1) and sum(times) < budget_s:
-        _sync(device)
-        start = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append(time.perf_counter() - start)
-    return 1e3 * min(times)
-
-
-class _CallClock:
-    """Forward hooks on the bank's modules: number of module calls and the time inside them."""
-
-    def __init__(self, bank, device):
-        self.calls, self.seconds, self.device, self.handles = 0, 0.0, device, []
-        for module in bank.values():
-            self.handles.append(module.register_forward_pre_hook(self.before))
-            self.handles.append(module.register_forward_hook(self.after))
-
-    def before(self, module, args):
-        _sync(self.device)
-        self.start = time.perf_counter()
-
-    def after(self, module, args, out):
-        _sync(self.device)
-        self.calls += 1
-        self.seconds += time.perf_counter() - self.start
-
-    def remove(self):
-        for handle in self.handles:
-            handle.remove()
-
-
-def held_after(fn):
-    """MB of the tensors made by fn that are still alive when it returns (its output included): after
-    a forward pass, what autograd keeps for backward. Any device; tracked with a dispatch mode."""
-    from torch.multiprocessing.reductions import StorageWeakRef
-    from torch.utils._python_dispatch import TorchDispatchMode
-    from torch.utils._pytree import tree_leaves
-    made = {}
-
-    class Track(TorchDispatchMode):
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            out = func(*args, **(kwargs or {}))
-            for t in tree_leaves(out):
-                if isinstance(t, torch.Tensor):
-                    storage = t.untyped_storage()
-                    made[storage.data_ptr()] = (StorageWeakRef(storage), storage.nbytes())
-            return out
-    with Track():
-        out = fn()
-    held = sum(n for ref, n in made.values() if not ref.expired())
-    del out
-    return held / 2 ** 20
-
-
-def measure(name, programs, bank, feats, probe, cfg, device):
-    """One executor on one batch: calls, plan / forward / forward+backward / cell times, memory."""
-    schedule, run = EXECUTORS[name]
-    params = list(bank.parameters()) + [feats]
-    row = {"executor": name, "batch": len(programs)}
-    plan = None
-    if schedule:
-        def planned():
-            parse.cache_clear()  # the plan's cost includes reading the programs
-            return make_plan(programs, bank, schedule, device)
-        row["plan_ms"] = _timed(planned, device, cfg.repeats, cfg.budget_s)
-        plan = planned()
-        row["levels"] = plan.depth
-
-    def forward():
-        return run(plan, programs, bank, feats)  # (B, C, H, W)
-
-    def step():
-        for p in params:
-            p.grad = None
-        (forward() * probe).sum().backward()
-    clock = _CallClock(bank, device)
-    with torch.no_grad():
-        out = forward()
-    row["calls"] = clock.calls
-    cells = []
-    for _ in range(min(cfg.repeats, 3)):
-        clock.seconds = 0.0
-        forward()
-        cells.append(1e3 * clock.seconds)
-    row["cell_ms"] = min(cells)  # time inside the module calls alone, best of up to 3 forward passes
-    clock.remove()
-    row["fwd_ms"] = _timed(forward, device, cfg.repeats, cfg.budget_s)
-    row["step_ms"] = _timed(step, device, cfg.repeats, cfg.budget_s)
-    row["held_mb"] = held_after(forward)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-        base = torch.cuda.memory_allocated(device)
-        step()
-        row["peak_mb"] = (torch.cuda.max_memory_allocated(device) - base) / 2 ** 20
-    return row, out
-
-
-def _steady_cpu_allocator():
-    """glibc hands big freed blocks back to the OS and page-faults them in again on the next
-    allocation, at a cost that depends on what ran before (measured here: topo's forward at batch 64
-    took 850 ms after the naive executor, 620 ms before it). Fixed thresholds make each executor pay
-    for its own work only, as CUDA's caching allocator does. Linux with glibc only; else nothing."""
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
-        return
-    libc.mallopt(-3, 32 << 20)  # M_MMAP_THRESHOLD: blocks under 32 MB come from the heap
-    libc.mallopt(-1, 1 << 30)  # M_TRIM_THRESHOLD: keep up to 1 GB of freed heap for reuse
-
-
-def _device_name(device):
-    if device.type == "cuda":
-        return f"cuda ({torch.cuda.get_device_name(device)})"
-    return f"{device.type} ({torch.get_num_threads()} threads)"
-
-
-def bench(cfg, log=print):
-    """Run the benchmark, print the table and return the figures as a dict (also written to cfg.json)."""
-    device = torch.device(cfg.device if cfg.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu")
-    sizes = cfg.batch_sizes or ((1, 8, 64, 256, 512, 1024) if device.type == "cuda" else (1, 8, 64))
-    for name in cfg.executors:
-        if name not in EXECUTORS:
-            raise SystemExit(f"unknown executor {name!r}; choose from {', '.join(EXECUTORS)}")
-    if device.type == "cpu" and cfg.steady_allocator:
-        _steady_cpu_allocator()
-    pool = clevr_programs(cfg.num_images, cfg.seed)
-    heights = [parse(tuple(p))[0][2] for p in pool]
-    torch.manual_seed(cfg.seed)
-    bank = make_bank([t for p in pool for t in p], cfg.channels).to(device)
-    info = {"device": _device_name(device), "torch": torch.__version__, "config": dataclasses.asdict(cfg),
-            "programs": {"pool": len(pool), "mean_length": float(np.mean([len(p) for p in pool])),
-                         "mean_height": float(np.mean(heights)), "max_height": max(heights),
-                         "modules": len(bank)}, "rows": [], "ratios": []}
-    log(f"device: {info['device']}, torch {torch.__version__}")
-    log(f"programs: {len(pool)} from the built-in generator, mean length {info['programs']['mean_length']:.1f}, "
-        f"mean height {info['programs']['mean_height']:.1f} (max {max(heights)}), {len(bank)} modules of "
-        f"{cfg.channels} x {cfg.size} x {cfg.size}")
-    log(f"{'batch':>5} {'executor':<10} {'calls':>6} {'levels':>6} {'plan ms':>8} {'fwd ms':>9} {'fwd+bwd ms':>10} "
-        f"{'cell ms':>9} {'held MB':>8} {'peak MB':>8} {'max|diff|':>9}")
-    rng = np.random.default_rng(cfg.seed)
-    for B in sizes:
-        programs = [pool[i] for i in rng.integers(0, len(pool), B)]
-        feats = torch.randn(B, cfg.channels, cfg.size, cfg.size, device=device, requires_grad=True)  # (B, C, H, W)
-        probe = torch.randn(B, cfg.channels, cfg.size, cfg.size, device=device)  # d loss / d roots
-        rows, reference = {}, None
-        for name in cfg.executors:
-            row, out = measure(name, programs, bank, feats, probe, cfg, device)
-            reference = out if reference is None else reference
-            row["max_abs_diff"] = (out - reference).abs().max().item()  # against the first executor
-            rows[name] = row
-            info["rows"].append(row)
-            log(f"{B:>5} {name:<10} {row['calls']:>6} {row.get('levels', ''):>6} "
-                f"{row.get('plan_ms', float('nan')):>8.2f} "
-                f"{row['fwd_ms']:>9.2f} {row['step_ms']:>10.2f} {row['cell_ms']:>9.2f} {row['held_mb']:>8.1f} "
-                f"{row.get('peak_mb', float('nan')):>8.1f} {row['max_abs_diff']:>9.1e}")
-        if "naive" in rows:
-            base = rows["naive"]
-            for name, row in rows.items():
-                if name == "naive":
-                    continue
-                ratio = {"batch": B, "executor": name, "calls": base["calls"] / row["calls"],
-                         "fwd": base["fwd_ms"] / row["fwd_ms"],
-                         "fwd_with_plan": base["fwd_ms"] / (row["fwd_ms"] + row["plan_ms"]),
-                         "step": base["step_ms"] / row["step_ms"], "cell": base["cell_ms"] / row["cell_ms"],
-                         "memory": row["held_mb"] / base["held_mb"]}
-                if "peak_mb" in row:
-                    ratio["peak_memory"] = row["peak_mb"] / base["peak_mb"]
-                info["ratios"].append(ratio)
-                log(f"{'':>5} naive/{name}: calls {ratio['calls']:.1f}x, forward {ratio['fwd']:.2f}x "
-                    f"({ratio['fwd_with_plan']:.2f}x with the plan), forward+backward {ratio['step']:.2f}x, "
-                    f"cell {ratio['cell']:.2f}x; memory held {name}/naive {ratio['memory']:.2f}"
-                    + (f", peak {ratio['peak_memory']:.2f}" if "peak_memory" in ratio else ""))
-    if cfg.json:
-        with open(cfg.json, "w") as f:
-            json.dump(info, f, indent=1)
-        log(f"wrote {cfg.json}")
-    return info
-
-
 # ------------------------------------------------------------------------------------------------
-# Smoke run and command line
+# Smoke run
 # ------------------------------------------------------------------------------------------------
 
 def smoke(batch_size=24, channels=4, size=6, seed=0, log=print):
@@ -741,46 +551,16 @@ def smoke(batch_size=24, channels=4, size=6, seed=0, log=print):
     inputs = [feats] + list(bank.parameters())
     ref = run_naive(programs, bank, feats)
     ref_grads = torch.autograd.grad((ref * probe).sum(), inputs)
+    nodes = sum(len(parse(tuple(p))) for p in programs)  # naive: one call per node
     for name, (schedule, run) in EXECUTORS.items():
         plan = make_plan(programs, bank, schedule, feats.device) if schedule else None
-        clock = _CallClock(bank, feats.device)
+        calls = nodes if plan is None else plan.level_calls if name == "level" else plan.calls
         out = run(plan, programs, bank, feats)
-        clock.remove()
         grads = torch.autograd.grad((out * probe).sum(), inputs)
         diff = max((a - b).abs().max().item() for a, b in zip([out, *grads], [ref, *ref_grads]))
-        log(f"{name:<10} module calls {clock.calls:>4}, max |difference from naive| (roots and gradients) {diff:.1e}")
+        log(f"{name:<10} module calls {calls:>4}, max |difference from naive| (roots and gradients) {diff:.1e}")
         assert diff < 1e-9, name
 
 
-def _field_help(cls):
-    """The comment after each field of a config dataclass, as its --help text."""
-    import inspect
-    lines = inspect.getsource(cls).splitlines()
-    return {line.split(":")[0].strip(): line.split("#", 1)[1].strip() for line in lines if "#" in line and ":" in line}
-
-
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="command")
-    sub.add_parser("smoke", help="tiny run: every executor agrees with the naive one (the default command)")
-    b = sub.add_parser("bench", help="naive vs topological execution of an IEP-sized module bank",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    helps = _field_help(BenchConfig)
-    for f in dataclasses.fields(BenchConfig):
-        flag, kind, text = "--" + f.name.replace("_", "-"), type(f.default), helps.get(f.name, "")
-        if kind is tuple:
-            b.add_argument(flag, nargs="+", type=int if f.name == "batch_sizes" else str, default=f.default, help=text)
-        elif kind is bool:
-            b.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=text)
-        else:
-            b.add_argument(flag, type=kind, default=f.default, help=text)
-    args = parser.parse_args(argv)
-    if args.command == "bench":
-        return bench(BenchConfig(**{f.name: tuple(v) if isinstance(v, list) else v
-                                    for f in dataclasses.fields(BenchConfig) for v in [getattr(args, f.name)]}))
-    smoke()
-
-
 if __name__ == "__main__":
-    main()
+    smoke()

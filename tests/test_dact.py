@@ -1,5 +1,6 @@
 """Tests for dact.py: the paper's invariants (Eqs. 1-3, 9), compact == mask, halted rows are never
-computed again, gradients, and the command lines (train.py mac dact, dact.py eval / bench / plot)."""
+computed again, gradients, and `python train.py mac dact` (fine-tuned from a MAC with --init).
+The tools that read DACT runs are tested in test_analyze.py and test_bench.py."""
 import dataclasses
 import importlib
 import importlib.util
@@ -269,35 +270,3 @@ def test_init_prints_the_new_parameters(dact_run, tiny_data, tmp_path, capsys):
                 "--init", str(dact_run / "mac" / "best.pt"), *TINY])
     missing = next(line for line in capsys.readouterr().out.splitlines() if "missing keys" in line)
     assert missing.endswith("halting_unit.weight, halting_unit.bias"), missing
-
-
-def test_eval_cli_reports_steps(dact_run, tiny_data, tmp_path, capsys):
-    rec = dact.main(["eval", "--init", str(dact_run / "dact" / "best.pt"), "--data", str(tiny_data),
-                     "--json", str(tmp_path / "eval.json"), "--batch-size", "32"])
-    assert sum(rec["steps_hist"]) == rec["n"] and len(rec["steps_hist"]) == 3
-    assert rec["avg_steps"] == pytest.approx(sum(n * c for n, c in enumerate(rec["steps_hist"], 1)) / rec["n"])
-    assert set(rec["steps_by_kind"]) == set(rec["acc_by_kind"]) and rec["steps_by_family"]
-    assert json.loads((tmp_path / "eval.json").read_text())["acc"] == rec["acc"]
-    assert "steps histogram" in capsys.readouterr().out
-    mask = dact.main(["eval", "--init", str(dact_run / "dact" / "best.pt"), "--data", str(tiny_data), "--halt", "mask"])
-    assert mask["acc"] == rec["acc"] and mask["steps_hist"] == rec["steps_hist"]
-
-
-def test_bench_cli_compares_mac_compact_and_mask(dact_run, tiny_data, tmp_path):
-    res = dact.main(["bench", "--init", str(dact_run / "dact" / "best.pt"), "--data", str(tiny_data),
-                     "--mac", str(dact_run / "mac" / "best.pt"), "--batch-size", "16", "--limit", "32",
-                     "--repeats", "1", "--devices", "cpu", "--json", str(tmp_path / "bench.json")])
-    rows = json.loads((tmp_path / "bench.json").read_text())["devices"]["cpu"]
-    assert [r["name"].split(",")[0] for r in rows] == ["mac", "DACT compact", "DACT mask"]
-    assert rows[0]["speedup_vs_mac"] == 1.0 and rows[0]["avg_steps"] == 3
-    assert rows[1]["acc"] == rows[2]["acc"] and rows[1]["avg_steps"] == rows[2]["avg_steps"]
-    assert res["questions"] == 32
-
-
-def test_plot_without_matplotlib_says_so(dact_run, monkeypatch):
-    monkeypatch.setitem(sys.modules, "matplotlib", None)                 # import matplotlib -> ImportError
-    with pytest.raises(SystemExit, match="pip install matplotlib"):
-        dact.main(["plot", str(dact_run / "dact")])
-    summary = dact.run_summary(dact_run / "dact")
-    assert summary["wrapper"] == "dact" and 1 <= summary["avg_steps"] <= 3
-    assert dact.run_summary(dact_run / "mac")["avg_steps"] == 3          # a MAC: its fixed step count

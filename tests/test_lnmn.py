@@ -1,8 +1,6 @@
 """Tests for lnmn.py: one-hot nodes, the expression printer, inventories, the two public-code bugs as
-flags, the entropy schedule, gradients, overfitting, the trainer's alpha step and `analyze` (CPU, seconds)."""
-import importlib.util
-import json
-
+flags, the entropy schedule, gradients, overfitting and the trainer's alpha step (CPU, seconds). The
+analysis (`python analyze.py lnmn`) is tested in test_analyze.py."""
 import pytest
 import torch
 import torch.nn.functional as F
@@ -206,7 +204,7 @@ def test_overfits_one_batch():
     assert loss.item() < 0.1 * first, (first, loss.item())
 
 
-def test_trainer_steps_alphas_on_held_out_rows_and_analyze(tiny_data, tmp_path, monkeypatch, capsys):
+def test_trainer_steps_alphas_on_held_out_rows(tiny_data, tmp_path, monkeypatch, capsys):
     seen = {}
     real = lnmn.LNMN.forward
 
@@ -227,25 +225,6 @@ def test_trainer_steps_alphas_on_held_out_rows_and_analyze(tiny_data, tmp_path, 
     assert len(ckpt["optimizer"]["state"]) == n_weights
     assert len(seen["rows"]) >= 6                              # 3 weight + 3 alpha forwards (+ evaluation)
     assert "training on 180 of the 240 training questions" in capsys.readouterr().out  # 60 held out for alpha
-    args = lnmn.argparse.Namespace(ckpt=str(out / "last.pt"), data=str(tiny_data), max_batches=1, out=str(tmp_path / "an"))
-    lnmn.analyze(args)
-    text = capsys.readouterr().out
-    for word in ("Table 6", "without max", "hard-max", "conv2("):
-        assert word in text
-    res = json.loads((tmp_path / "an" / "analysis.json").read_text())
-    assert len(res["accuracy"]) == 8 and len(res["expressions"]) == 8
-    if importlib.util.find_spec("matplotlib"):                 # the heat map needs matplotlib, which is optional
-        assert (tmp_path / "an" / "alphas.png").exists()
-    else:
-        assert "pip install matplotlib" in text and not (tmp_path / "an" / "alphas.png").exists()
-    # a checkpoint of another model or vocabulary, or none: an error that says so, not a traceback
-    for change, message in ((dict(model_name="stack_nmn"), "holds a 'stack_nmn' model, not 'lnmn'"),
-                            (dict(vocab_hash="0"), "vocabulary 0 .* Pass the --data it was trained on")):
-        torch.save({**ckpt, **change}, tmp_path / "bad.pt")
-        with pytest.raises(SystemExit, match=message):
-            lnmn.analyze(lnmn.argparse.Namespace(**{**vars(args), "ckpt": str(tmp_path / "bad.pt")}))
-    with pytest.raises(SystemExit, match="no checkpoint at"):
-        lnmn.analyze(lnmn.argparse.Namespace(**{**vars(args), "ckpt": str(tmp_path / "absent.pt")}))
 
 
 @pytest.mark.parametrize("modules", [9, 11, 14])

@@ -1,8 +1,7 @@
 """Tests for stack_nmn.py: the stack's invariants, the modules, the expert layout, shapes and gradients,
-overfitting a batch, the step protocol under DACT, and the command line (CPU, seconds)."""
+overfitting a batch, the step protocol under DACT, and the command line (CPU, seconds). The figure
+(`python analyze.py stack-figure`) is tested in test_analyze.py."""
 import dataclasses
-import importlib.util
-import sys
 
 import pytest
 import torch
@@ -180,21 +179,9 @@ def test_forward_is_the_step_protocol_and_dact_wraps_it():
         assert out["log_probs"].shape == (6, 8) and torch.isfinite(out["log_probs"]).all()
 
 
-def test_cli_gt_layout_dact_and_figure(tiny_data, tmp_path, monkeypatch, capsys):
+def test_cli_gt_layout_and_dact(tiny_data, tmp_path, capsys):
     rec = train.main(["stack_nmn", "--layout", "gt", "--data", str(tiny_data), "--out", str(tmp_path / "gt"),
                       "--iters", "2", *TINY_FLAGS])
     assert rec["final_acc"] is not None and "layout_acc" in capsys.readouterr().out
     train.main(["stack_nmn", "dact", "--data", str(tiny_data), "--out", str(tmp_path / "dact"), "--iters", "2",
                 "--max-steps", "3", *TINY_FLAGS])
-    args = sn.argparse.Namespace(ckpt=str(tmp_path / "gt" / "last.pt"), data=str(tiny_data), index=1,
-                                 out=str(tmp_path / "fig.png"))
-    if importlib.util.find_spec("matplotlib"):                 # matplotlib is optional
-        sn.figure(args)
-        assert (tmp_path / "fig.png").stat().st_size > 0
-    else:
-        with pytest.raises(SystemExit, match="pip install matplotlib"):
-            sn.figure(args)
-    assert "step 9:" in capsys.readouterr().out                # the numbers are printed either way
-    monkeypatch.setitem(sys.modules, "matplotlib", None)      # no matplotlib: a clear message
-    with pytest.raises(SystemExit, match="pip install matplotlib"):
-        sn.figure(args)

@@ -1,7 +1,6 @@
 """topo_exec.py: the plan's levels and groups, topological vs per-example execution (roots and
-gradients), the module-call bound, regathering instead of keeping the gathered copies, and the bench."""
-import json
-
+gradients), the module-call bound, and regathering instead of keeping the gathered copies (measured
+with bench.py's call clock and memory probe; the benchmark itself is tested in test_bench.py)."""
 import numpy as np
 import pytest
 import torch
@@ -9,6 +8,7 @@ import torch.nn as nn
 
 import data
 import topo_exec as T
+from bench import CallClock, held_after
 
 C, S = 4, 6  # tiny modules: channels, map size
 UNARY = ["filter_color[red]", "filter_shape[cube]", "filter_size[small]", "relate[left]", "relate[front]",
@@ -43,7 +43,7 @@ def roots_and_grads(run, bank, feats, probe):
 
 
 def count_calls(bank, run):
-    clock = T._CallClock(bank, torch.device("cpu"))
+    clock = CallClock(bank, torch.device("cpu"))
     with torch.no_grad():
         run()
     clock.remove()
@@ -186,10 +186,10 @@ def test_regather_keeps_memory_of_per_example_execution(clevr):
     bank = tiny_bank(programs, torch.float32)
     feats = torch.randn(32, C, S, S, requires_grad=True)
     plan = T.make_plan(programs, bank)
-    naive = T.held_after(lambda: T.run_naive(programs, bank, feats))
-    assert T.held_after(lambda: T.run_topo(plan, bank, feats)) <= 1.01 * naive
-    assert T.held_after(lambda: T.run_topo(plan, bank, feats, regather=False)) > 1.2 * naive  # the copies
-    assert T.held_after(lambda: T.run_level(plan, bank, feats)) <= 1.05 * naive
+    naive = held_after(lambda: T.run_naive(programs, bank, feats))
+    assert held_after(lambda: T.run_topo(plan, bank, feats)) <= 1.01 * naive
+    assert held_after(lambda: T.run_topo(plan, bank, feats, regather=False)) > 1.2 * naive  # the copies
+    assert held_after(lambda: T.run_level(plan, bank, feats)) <= 1.05 * naive
     probe = torch.randn(32, C, S, S)
     kept = roots_and_grads(lambda: T.run_topo(plan, bank, feats, regather=False), bank, feats, probe)
     regathered = roots_and_grads(lambda: T.run_topo(plan, bank, feats), bank, feats, probe)
@@ -206,17 +206,3 @@ def test_in_place_module_is_refused():
     feats = torch.randn(3, C, S, S, requires_grad=True)
     with pytest.raises(RuntimeError, match="in ?place"):
         T.run_topo(T.make_plan(programs, bank), bank, feats)
-
-
-def test_bench_cli_smoke(tmp_path):
-    out = tmp_path / "bench.json"
-    T.main(["bench", "--channels", "4", "--size", "6", "--batch-sizes", "1", "6", "--repeats", "1",
-            "--num-images", "2", "--no-steady-allocator", "--json", str(out)])  # leave pytest's malloc alone
-    info = json.loads(out.read_text())
-    assert info["device"].startswith("cpu")
-    assert [(r["batch"], r["executor"]) for r in info["rows"]] == [
-        (b, e) for b in (1, 6) for e in ("naive", "topo", "postorder", "agenda", "level")]
-    for row in info["rows"]:
-        assert row["calls"] > 0 and row["fwd_ms"] > 0 and row["step_ms"] > 0 and row["held_mb"] > 0
-        assert row["max_abs_diff"] < 1e-4
-    assert {r["executor"] for r in info["ratios"]} == {"topo", "postorder", "agenda", "level"}
