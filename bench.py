@@ -10,20 +10,14 @@ halting against its inner model (dact.py), and one training step of every model 
     python bench.py topo -h               # a benchmark's flags, with their defaults and --quick values
 
 Common flags: --device auto|cpu|cuda|mps, --quick, --threads N, --json FILE. A time is the best of a few
-runs after a warm-up run (what the code costs, less what other processes on the machine took), device
-work included; a ratio compares rows measured side by side in one run. Each benchmark prints its own
-table as it goes; the summary at the end names the device and holds every ratio.
+runs after a warm-up run, device work included; a ratio compares rows measured side by side in one run.
 
-topo: an IEP-sized bank (clevr-iep's residual modules, 128 x 14 x 14) on programs of the built-in
-generator; every executor of topo_exec.EXECUTORS on the same batches: module calls, plan time, forward,
-forward + backward and cell time (inside the module calls alone), the memory a forward pass leaves for
-backward, and (CUDA) the peak memory of a training step.
-dact: a DACT run's questions per second with `--halt compact` (halted rows leave the batch) and `--halt
-mask` (the official code), against its inner model running all steps (or --mac). Without --init, an
-untrained MAC (laptop preset) in DACT with a halting-unit bias of 2, so that rows halt early: the times
-compare the code paths; the accuracy is chance.
-train: the trainer's own step (train.Run.step: forward, loss, backward, clipping, Adam, EMA, LNMN's
-alpha step) on one training batch, each model with the laptop preset on the built-in mini-CLEVR.
+topo: every executor of topo_exec.EXECUTORS on the same batches of programs from the built-in generator,
+with an IEP-sized bank (128 x 14 x 14): module calls, plan, forward, forward + backward and cell time
+(inside the module calls), the memory a forward pass keeps for backward, (CUDA) a step's peak memory.
+dact: questions/s of DACT `--halt compact` and `--halt mask` against its inner model running all steps
+(or --mac). Without --init: an untrained MAC (laptop preset) in DACT, halting bias 2 (times only).
+train: the trainer's own step (train.Run.step) on one training batch, laptop preset, built-in data.
 """
 import argparse
 import contextlib
@@ -39,6 +33,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+import analyze  # load_run: the one loader of trained runs
 import data
 import topo_exec
 import train
@@ -118,9 +113,9 @@ def held_after(fn):
 
 def steady_cpu_allocator():
     """glibc hands big freed blocks back to the OS and page-faults them in again on the next
-    allocation, at a cost that depends on what ran before (measured here: topo's forward at batch 64
-    took 850 ms after the naive executor, 620 ms before it). Fixed thresholds make each executor pay
-    for its own work only, as CUDA's caching allocator does. Linux with glibc only; else nothing."""
+    allocation, at a cost that depends on what ran before (RESULTS.md has a measurement). Fixed
+    thresholds make each executor pay for its own work only, as CUDA's caching allocator does. Linux
+    with glibc only; else nothing."""
     try:
         libc = ctypes.CDLL("libc.so.6")
     except OSError:
@@ -289,7 +284,6 @@ def trainer_run(spec, data_dir, device, **flags):
 
 def dact_models(cfg, device, quick, log):
     """-> (DACT model, baseline model, baseline name, data dir, note)."""
-    import analyze  # the one loader of trained runs
     if cfg.init:
         dact, ckpt, data_dir, _ = analyze.load_run(cfg.init, cfg.data or None)
         if ckpt["wrapper_name"] != "dact":
