@@ -17,7 +17,13 @@ tuples) of tensors with the batch first.
 
 Shapes:
     B  batch (b: the rows still running)   A  answers   D  size of halt_input
-    N  maximum number of steps (n: the current step, 1-based as in the paper)
+    N  maximum number of steps (n: the current step, 1-based as in the paper; d = N - n steps left)
+    y_n, a_n (b, A): the step's answer (a softmax) and the accumulated answer
+    h_n, p_n, rho (b, 1): the halting value, the probability that later steps still count, the ponder cost
+
+Parts in the paper's order: the halting value h_n (Sec. 3), p_n (Eq. 1) and a_n (Eq. 2) in
+`accumulate`; the ponder cost (Eq. 3) and the loss (Eq. 4) in `DACT.all_steps`; the halting condition
+(Eqs. 5-9, Sec. 3.2) in `can_halt`, used by `DACT.halting_steps`.
 """
 import dataclasses
 from collections import defaultdict
@@ -30,9 +36,10 @@ import torch.nn as nn
 
 @dataclass
 class DACTConfig:
-    tau: float = 5e-3  # Eq. (4) time penalty; paper grid 0, 1e-3, 5e-3, 1e-2, 5e-2 (official configs)
-    halt: Literal["compact", "mask"] = "compact"  # inference: compact drops halted rows; mask keeps them (official)
-    halt_max_steps: int = 0  # N, the most steps (0: the inner model's max_steps, i.e. MAC's --max-steps)
+    tau: float = 5e-3  # Eq. (4) time penalty: Fig. 7's; official configs' grid 0, 1e-3, 5e-3, 1e-2, 5e-2
+    # NOTE (deviation): the default, compact, is not the official code's way (mask); the same predictions
+    halt: Literal["compact", "mask"] = "compact"  # Sec. 3.2, inference: compact drops halted rows; mask keeps them
+    halt_max_steps: int = 0  # N (Sec. 4: 12, and 15 for the best model); 0: the inner model's max_steps
 
 
 # ----------------------------------------------------------------------------- the equations
@@ -93,9 +100,11 @@ class DACT(nn.Module):
         nn.init.zeros_(self.halting_unit.bias)
 
     def answer(self, ctx, state):
+        """Sec. 3: the step's own answer y_n, a softmax, so 0 <= y_n <= 1 (what Eq. 9 relies on)."""
         return self.inner.classify(ctx, state).float().softmax(dim=-1)  # (b, A) y_n
 
     def halting(self, ctx, state):
+        """Sec. 3: the halting value h_n in [0, 1], the step's uncertainty about its answer."""
         # official code: h_n = 1 - sigmoid(W c_n + b), "to remain consistent with the MAC gate"
         return 1 - torch.sigmoid(self.halting_unit(self.inner.halt_input(ctx, state)).float())  # (b, 1) h_n
 
@@ -111,16 +120,19 @@ class DACT(nn.Module):
             state = self.inner.step(ctx, state, n - 1)
             a, p = accumulate(a, p, self.answer(ctx, state), self.halting(ctx, state))  # Eqs. (1), (2)
             rho = rho + p                                                # (B, 1) Eq. (3)
-        # official code: NLL on log(a_N clamped at 1e-8); Eq. (4): loss + tau * rho (the official code
-        # also adds a constant 1 to rho, which changes no gradient: left out)
-        return {"log_probs": a.clamp(min=1e-8).log(), "aux_loss": self.cfg.tau * rho.mean(),
+        # official code: L = NLL on log(a_N clamped at 1e-8), which train.py adds to aux_loss.
+        # NOTE (deviation): the official code adds a constant 1 to rho; it changes no gradient: left out
+        return {"log_probs": a.clamp(min=1e-8).log(),                    # (B, A) log a_N
+                "aux_loss": self.cfg.tau * rho.mean(),                   # Eq. (4): L + tau * rho, batch mean
                 "steps": a.new_full((len(a),), self.max_steps)}
 
     def halting_steps(self, ctx, state):
         """Inference: stop each example at the first step n where Eq. (9) holds.
         compact: the halted rows leave ctx and state (one index op per tensor) and are never computed
         again. mask (official code): the whole batch runs every step; a halted row gets p := 0, which
-        freezes its a_n (Eq. 2); the loop ends once every row has halted. Same predictions."""
+        freezes its a_n (Eq. 2); the loop ends once every row has halted. The two give the same
+        predictions in exact arithmetic; their log-probabilities may differ by float rounding (about
+        1e-7: rows computed in batches of other sizes), so a near-tie can flip."""
         N, compact = self.max_steps, self.cfg.halt == "compact"
         a, p, rho = 0.0, 1.0, 0.0
         for n in range(1, N + 1):
