@@ -8,8 +8,9 @@ This file holds the ACT wrapper: a halting unit on each step's halting input, st
 summed halting values reach 1 - eps, the remainder R on the last step, the output as the weighted sum
 of the steps' outputs, and the ponder cost N + R. Halting is part of ACT's model (the output does not
 depend on the steps after N(t)), so it halts in training and inference alike, and a halted example
-leaves the batch (one index op per tensor) and is never computed again. (The official code runs the
-whole batch until every example has halted, masking the halted ones: the same outputs.)
+leaves the batch (one index op per tensor) and is never computed again. NOTE (deviation): the
+official code runs the whole batch until every example has halted, masking the halted ones: the
+same outputs in exact arithmetic (float rounding may differ, as rows run in batches of other sizes).
 
     python train.py mac act --tau 1e-3                     # from scratch
     python train.py mac act --tau 1e-3 --max-steps 12 --init runs/mac12/best.pt   # as the DACT paper
@@ -31,10 +32,9 @@ import torch
 import torch.nn as nn
 
 
-
 @dataclass
 class ACTConfig:
-    tau: float = 1e-3  # time penalty on the ponder cost; DACT paper's ACT grid 5e-5 .. 1e-2 (official configs)
+    tau: float = 1e-3  # Graves' time penalty on the ponder cost; the DACT code's ACT grid 5e-5 .. 1e-2
     halt_eps: float = 0.01  # Sec. 2: halt once the summed h_n reach 1 - eps (official code: 1e-2)
     halt_max_steps: int = 0  # M, the most steps (0: the inner model's max_steps, i.e. MAC's --max-steps)
 
