@@ -6,14 +6,14 @@ Official code: jsuarez5341/Efficient-Dynamic-Batching. The modules it executes a
 execution engine of J. Johnson et al., "Inferring and Executing Programs for Visual Reasoning",
 ICCV 2017, arXiv:1705.03633 (facebookresearch/clevr-iep).
 
-This file holds the per-example executor (`run_naive`: a Python recursion over each program's prefix
-tokens, one module call per node, as clevr-iep runs it); the plan (`make_plan`: the schedule of one
-batch as index tensors, made once before execution so its cost can be measured on its own); the
-topological executor (`run_topo`: all nodes of the batch grouped by (height, module), one call per
-group, rows moved between levels with index_select / split / cat); going further, `run_level` (one
-call per level and architecture, each node running its own module's gathered weights); and clevr-iep's
-modules (`make_bank`), which pg_ee.py's execution engine uses too. `python bench.py topo` measures the
-executors side by side.
+This file holds, in the paper's order: clevr-iep's modules (`make_bank`), which pg_ee.py's execution
+engine uses too; the per-example executor (`run_naive`: a Python recursion over each program's prefix
+tokens, one module call per node, as clevr-iep runs it: the paper's "Vanilla"); the plan (`make_plan`:
+the schedule of one batch as index tensors, made once before execution so its cost can be measured on
+its own); the topological executor (`run_topo`: all nodes of the batch grouped by (height, module),
+one call per group, rows moved between levels with index_select / split / cat: the paper's "Improved
+Topological Sort"); and, going further, `run_level` (one call per level and architecture, each node
+running its own module's gathered weights). `python bench.py topo` measures the executors side by side.
 
 Memory: a level's input is a gathered copy of its children's outputs. Autograd keeps those outputs
 anyway, so keeping the copy too would cost one tensor per node more than per-example execution;
@@ -22,13 +22,14 @@ anyway, so keeping the copy too would cost one tensor per node more than per-exa
     python topo_exec.py                       # tiny smoke run: every executor agrees, call counts
     python bench.py topo [--batch-sizes 1 8 64 ...] [--device cpu|cuda] [--json FILE]   # the benchmark
 
-Shapes:
+Shapes (the paper's bounds use b = B, p, s and d):
     B  programs (= images) in the batch     N  nodes in the batch     n  nodes in one group
     C  channels of a module's feature map   H, W  feature-map size (14 x 14 for ResNet conv4)
     d  levels (max height + 1)              p  distinct modules used by the batch
     s  longest program                      m_c  nodes of one architecture at one level (run_level)
 
-Schedules (REFERENCE.md, "Topological batched execution"):
+Schedules (REFERENCE.md, "Topological batched execution"); naive execution makes N <= B * s calls,
+the paper's Vanilla O(b s):
     height     level of a node = 0 for a leaf, 1 + max child height otherwise: calls <= d * p   (O(p d))
     postorder  level = the node's post-order index in its program, as the official code ranks nodes
                (FastExecutioner, HighArcESort): levels = longest program, calls grow with length (O(p s))
@@ -99,7 +100,7 @@ def parse(tokens):
         for _ in range(data.arity(token)):
             child, j = visit(j)
             kids[me].append(child)
-        height[me] = 1 + max(height[c] for c in kids[me]) if kids[me] else 0
+        height[me] = 1 + max(height[c] for c in kids[me]) if kids[me] else 0  # the improved sort's level
         post[me], done = done, done + 1
         return me, j
     done = 0  # nodes finished so far = the next post-order index
@@ -110,6 +111,40 @@ def parse(tokens):
 def decode(program, idx_to_token):
     """(B, L) long program tensor (clevr-iep layout, prefix) -> B token lists for the executors."""
     return [[idx_to_token[i] for i in row] for row in program.tolist()]
+
+
+# ------------------------------------------------------------------------------------------------
+# The modules: clevr-iep's execution engine (Johnson et al.), what the paper batches
+# ------------------------------------------------------------------------------------------------
+
+class ResBlock(nn.Module):
+    """clevr-iep's unary (and scene) module: conv3x3, ReLU, conv3x3, + identity, ReLU (REFERENCE.md)."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.conv1 = nn.Conv2d(c, c, 3, padding=1)
+        self.conv2 = nn.Conv2d(c, c, 3, padding=1)
+
+    def forward(self, x):  # (n, C, H, W) -> (n, C, H, W)
+        return F.relu(x + self.conv2(F.relu(self.conv1(x))))
+
+
+class ConcatBlock(nn.Module):
+    """clevr-iep's binary module: concat -> conv1x1 2C->C + ReLU -> residual block (REFERENCE.md)."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.proj = nn.Conv2d(2 * c, c, 1)
+        self.res = ResBlock(c)
+
+    def forward(self, x, y):  # (n, C, H, W) twice -> (n, C, H, W)
+        return self.res(F.relu(self.proj(torch.cat([x, y], 1))))  # (n, 2C, H, W) -> (n, C, H, W)
+
+
+def make_bank(tokens, channels):
+    """One module per program token, as clevr-iep's execution engine."""
+    return nn.ModuleDict({t: ConcatBlock(channels) if data.arity(t) == 2 else ResBlock(channels)
+                          for t in sorted(set(tokens) | {SCENE})})
 
 
 # ------------------------------------------------------------------------------------------------
@@ -207,8 +242,8 @@ def agenda_levels(keys, kids):
     a module whose every remaining node is ready (it will never need another call) first, then the
     one whose ready nodes are farthest from their root (the longest chain still to run), then the
     one with most ready nodes. No schedule of one module per call can make fewer calls than the sum,
-    over modules, of the most nodes of it on one root-to-leaf path (those run one after another); the
-    README compares the two."""
+    over modules, of the most nodes of it on one root-to-leaf path (those run one after another);
+    RESULTS.md compares the two (its "floor")."""
     n = len(keys)
     parent, to_root = [-1] * n, [0] * n
     for k in range(n):
@@ -262,7 +297,7 @@ def batch_nodes(programs, bank, schedule):
                 key_cache[token] = module_key(bank, token)
             keys.append(key_cache[token])
             kids.append([base + c for c in children])
-            level_of.append(height if schedule == "height" else post)
+            level_of.append(height if schedule == "height" else post)  # O(p d) or O(p s) calls
             example.append(b)
             is_root.append(len(keys) == base + 1)
     if schedule == "agenda":
@@ -497,38 +532,8 @@ EXECUTORS = {  # name -> (schedule of its plan, or None for no plan; run functio
 
 
 # ------------------------------------------------------------------------------------------------
-# The modules: clevr-iep's execution engine, and programs of the built-in generator to run
+# Programs of the built-in generator to run, and a smoke run
 # ------------------------------------------------------------------------------------------------
-
-class ResBlock(nn.Module):
-    """clevr-iep's unary (and scene) module: conv3x3, ReLU, conv3x3, + identity, ReLU (REFERENCE.md)."""
-
-    def __init__(self, c):
-        super().__init__()
-        self.conv1 = nn.Conv2d(c, c, 3, padding=1)
-        self.conv2 = nn.Conv2d(c, c, 3, padding=1)
-
-    def forward(self, x):  # (n, C, H, W) -> (n, C, H, W)
-        return F.relu(x + self.conv2(F.relu(self.conv1(x))))
-
-
-class ConcatBlock(nn.Module):
-    """clevr-iep's binary module: concat -> conv1x1 2C->C + ReLU -> residual block (REFERENCE.md)."""
-
-    def __init__(self, c):
-        super().__init__()
-        self.proj = nn.Conv2d(2 * c, c, 1)
-        self.res = ResBlock(c)
-
-    def forward(self, x, y):  # (n, C, H, W) twice -> (n, C, H, W)
-        return self.res(F.relu(self.proj(torch.cat([x, y], 1))))  # (n, 2C, H, W) -> (n, C, H, W)
-
-
-def make_bank(tokens, channels):
-    """One module per program token, as clevr-iep's execution engine."""
-    return nn.ModuleDict({t: ConcatBlock(channels) if data.arity(t) == 2 else ResBlock(channels)
-                          for t in sorted(set(tokens) | {SCENE})})
-
 
 def clevr_programs(num_images, seed=0):
     """Prefix programs of the built-in mini-CLEVR generator's questions (10 per image)."""
@@ -536,10 +541,6 @@ def clevr_programs(num_images, seed=0):
     _, questions = mini_clevr.generate_split(np.random.default_rng(seed), "train", num_images, 10, 64)
     return [data.list_to_prefix(q["program"]) for q in questions]
 
-
-# ------------------------------------------------------------------------------------------------
-# Smoke run
-# ------------------------------------------------------------------------------------------------
 
 def smoke(batch_size=24, channels=4, size=6, seed=0, log=print):
     """Tiny float64 bank: every executor's roots and gradients equal the naive executor's."""
