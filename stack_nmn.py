@@ -4,11 +4,14 @@ attention maps to each other through a differentiable stack.
 Paper: R. Hu, J. Andreas, T. Darrell, K. Saenko, "Explainable Neural Computation via Stack Neural
 Module Networks", ECCV 2018, arXiv:1807.08556. Official code: ronghanghu/snmn (TensorFlow).
 
-This file holds the input unit (BiLSTM question encoder, knowledge base over the image features with
-a 2-D positional encoding), the controller (textual parameter c_t and module weights w(t)), the
-differentiable stack (push / pop of a soft pointer, clamped at both ends, sharpened after every step),
-the nine modules, the output unit, the expert layout derived from a CLEVR program (`--layout gt`),
-and `StackNMN` with the step protocol of DESIGN.md (so `python train.py stack_nmn dact` works).
+The file follows the paper's Sec. 3: the input unit (BiLSTM question encoder; knowledge base over the
+image features with a 2-D positional encoding), the layout controller (Sec. 3.1: textual parameter c_t
+and module weights w(t)), the differentiable stack and the nine modules (Sec. 3.2), soft execution
+(Sec. 3.3: every module runs, their stacks, pointers and memories averaged with w(t), the pointer
+sharpened), the model with the output unit and the step protocol of DESIGN.md (so
+`python train.py stack_nmn dact` works), and the training terms (Sec. 3.4): the expert layout derived
+from a CLEVR program (`--layout gt`), the entropy of w(t) ramped in late (`--layout scratch`) and the
+weight decay (`regularizer`, added by the trainer to the training loss).
 
     python train.py stack_nmn --layout gt            # supervised by the expert layout (layout loss)
     python train.py stack_nmn --layout scratch       # from scratch, entropy sharpening ramped in late
@@ -53,12 +56,11 @@ class StackNMNConfig:
     entropy_weight: float = 0.1  # official vqa_scratch.yaml SHARPEN_LOSS_WEIGHT: entropy of w(t) (--layout scratch)
     entropy_begin: float = 0.75  # official vqa_scratch.yaml: the ramp 0 -> 1 starts at iteration 150K of 200K
     entropy_end: float = 0.8  # ... and ends at 160K of 200K (fractions of the run)
-    weight_decay: float = 1e-5  # official WEIGHT_DECAY: + wd * sum ||W||^2 / 2 over weight matrices (in the loss)
+    weight_decay: float = 1e-5  # official WEIGHT_DECAY: + wd * sum ||W||^2 / 2 over weight matrices (regularizer())
 
 
-# A CPU run on the built-in mini-CLEVR (not from the paper): with --layout gt, 90.1% val after its 14
-# epochs (89.9% with 10), 47 min on one busy thread (499 questions/s). Keys that are not Config fields
-# set the trainer.
+# A CPU run on the built-in mini-CLEVR (not from the paper; its accuracy and time are in RESULTS.md,
+# "Stack-NMN"). Keys that are not Config fields set the trainer.
 PRESETS = {
     "laptop": dict(dim=128, embed_dim=64, kb_dim=64, pe_dim=16, mem_dim=128, out_dim=128, output_dropout=0.0,
                    lr=1e-3, schedule="cosine", batch_size=128, epochs=14, threads=2),
@@ -66,71 +68,6 @@ PRESETS = {
 
 MODULES = ("NoOp", "Find", "Transform", "Filter", "And", "Or", "Scene", "Answer", "Compare")
 NOOP, FIND, TRANSFORM, FILTER, AND, OR, SCENE, ANSWER, COMPARE = range(9)
-
-
-# ----------------------------------------------------------------------------- the expert layout
-
-# official code (exp_clevr_snmn/data/get_ground_truth_layout.py): CLEVR function -> module
-FUNCTION_MODULE = {"filter": FILTER, "same": TRANSFORM, "relate": TRANSFORM, "intersect": AND, "union": OR,
-                   "equal": COMPARE, "greater_than": COMPARE, "less_than": COMPARE, "count": ANSWER,
-                   "exist": ANSWER, "query": ANSWER, "scene": SCENE, "unique": None}
-COMPARES = ("equal_", "greater_than", "less_than")
-DROPPED_UNDER_COMPARE = ("count", "query_")  # Compare reads the two maps itself
-
-
-def function_module(fn):
-    return FUNCTION_MODULE[fn] if fn in FUNCTION_MODULE else FUNCTION_MODULE[fn.split("_")[0]]
-
-
-def expert_layout(tokens):
-    """Prefix program tokens -> module indices in execution (post-)order, as the official code:
-    count / query_* under a comparison are dropped, `unique` is dropped, Scene + Filter -> Find."""
-    def visit(tree):
-        fn, kids = data.token_function(tree["token"]), tree["children"]
-        if fn.startswith(COMPARES):
-            kids = [k["children"][0] if data.token_function(k["token"]).startswith(DROPPED_UNDER_COMPARE) else k
-                    for k in kids]
-        mods = [m for k in kids for m in visit(k)]
-        return mods + ([] if function_module(fn) is None else [function_module(fn)])
-    mods = visit(data.prefix_to_tree(list(tokens)))
-    out = []
-    for m in mods:
-        if m == FILTER and out and out[-1] == SCENE:
-            out[-1] = FIND
-        else:
-            out.append(m)
-    return out
-
-
-# ----------------------------------------------------------------------------- the stack (Sec. 3.2)
-
-def push(p):
-    """Move the pointer up one slot (B, L); at the top it stays (official GUARD_STACK_PTR)."""
-    up = F.pad(p[:, :-1], (1, 0))                                        # (B, L) p'[l] = p[l - 1]
-    return torch.cat([up[:, :-1], up[:, -1:] + p[:, -1:]], dim=1)        # clamp at the top
-
-
-def pop(p):
-    """Move the pointer down one slot (B, L); at the bottom it stays."""
-    down = F.pad(p[:, 1:], (0, 1))                                       # (B, L) p'[l] = p[l + 1]
-    return torch.cat([down[:, :1] + p[:, :1], down[:, 1:]], dim=1)       # clamp at the bottom
-
-
-def read(A, p):
-    """The map under the pointer: A (B, K, L), p (B, L) -> (B, K)."""
-    return (A * p[:, None]).sum(-1)
-
-
-def write(A, p, att):
-    """Write att (B, K) where the pointer is: A p-weighted towards att -> (B, K, L)."""
-    return att[..., None] * p[:, None] + A * (1 - p[:, None])
-
-
-def sharpen(p, how, temp):
-    """The averaged pointer back to (nearly) one-hot: argmax (official default) or softmax(p / temp)."""
-    if how == "hard":
-        return F.one_hot(p.argmax(-1), p.size(-1)).to(p.dtype)
-    return (p / temp).softmax(-1)
 
 
 # ----------------------------------------------------------------------------- input unit
@@ -166,11 +103,11 @@ class InputUnit(nn.Module):
         e = self.embed(question)                                         # (B, S, E)
         packed = pack_padded_sequence(e, question_len.clamp(min=1).cpu(), batch_first=True, enforce_sorted=False)
         out, (h, _) = self.lstm(packed)
-        hs, _ = pad_packed_sequence(out, batch_first=True, total_length=question.size(1))  # (B, S, D)
-        return kb, hs, e, torch.cat([h[0], h[1]], -1)                    # q: (B, D)
+        hs, _ = pad_packed_sequence(out, batch_first=True, total_length=question.size(1))  # (B, S, D) Sec. 3.1: h_s
+        return kb, hs, e, torch.cat([h[0], h[1]], -1)                    # Sec. 3.1: q, (B, D) both final states
 
 
-# ----------------------------------------------------------------------------- controller (Sec. 3.1)
+# ----------------------------------------------------------------------------- the layout controller (Sec. 3.1)
 
 def control_dim(cfg):
     """E, the size of c_t: the word embeddings' (control_over embeds) or the BiLSTM's (words)."""
@@ -192,15 +129,40 @@ class Controller(nn.Module):
         self.c_0 = nn.Parameter(torch.randn(E) / math.sqrt(E))          # official: c_init ~ N(0, 1/E)
 
     def forward(self, q, c_prev, hs, es, mask, t):
-        """q (B, D), c_prev (B, E), hs (B, S, D) attended with u, es (B, S, E) averaged into c_t."""
+        """q (B, D), c_prev (B, E), hs (B, S, D) attended with u, es (B, S, E) averaged into c_t
+        -> c_t (B, E), module logits (B, M) (w(t) is their softmax), cv (B, S)."""
+        # Sec. 3.1: u = W2[W1^(t) q + b1; c_{t-1}] + b2
         u = self.u(torch.cat([self.q_step[t](q), c_prev], -1))           # (B, D)
-        logits = self.module_logits(u)                                   # (B, M)
+        logits = self.module_logits(u)                                   # (B, M) Sec. 3.1: w(t) = softmax(MLP(u))
+        # Sec. 3.1: cv_{t,s} = softmax_s(W3 (u * h_s)), over the question's own words
         cv = self.attn(u[:, None] * hs).squeeze(-1).masked_fill(~mask, float("-inf")).softmax(-1)  # (B, S)
-        c = (cv[..., None] * es).sum(1)                                  # (B, E)
+        c = (cv[..., None] * es).sum(1)                                  # (B, E) Sec. 3.1: c_t = sum_s cv_{t,s} e_s
         return c, logits, cv
 
 
-# ----------------------------------------------------------------------------- modules (Sec. 3.3)
+# ----------------------------------------------------------------------------- the stack and the modules (Sec. 3.2)
+
+def push(p):
+    """Move the pointer up one slot (B, L); at the top it stays (official GUARD_STACK_PTR)."""
+    up = F.pad(p[:, :-1], (1, 0))                                        # (B, L) Sec. 3.2: push, p'[l] = p[l - 1]
+    return torch.cat([up[:, :-1], up[:, -1:] + p[:, -1:]], dim=1)        # clamp at the top
+
+
+def pop(p):
+    """Move the pointer down one slot (B, L); at the bottom it stays."""
+    down = F.pad(p[:, 1:], (0, 1))                                       # (B, L) Sec. 3.2: pop, p'[l] = p[l + 1]
+    return torch.cat([down[:, :1] + p[:, :1], down[:, 1:]], dim=1)       # clamp at the bottom
+
+
+def read(A, p):
+    """The map under the pointer: A (B, K, L), p (B, L) -> (B, K)."""
+    return (A * p[:, None]).sum(-1)                                      # Sec. 3.2: read, sum_l A_l p_l
+
+
+def write(A, p, att):
+    """Write att (B, K) where the pointer is: A p-weighted towards att -> (B, K, L)."""
+    return att[..., None] * p[:, None] + A * (1 - p[:, None])            # Sec. 3.2: write, att p + A (1 - p)
+
 
 def l2norm(x):
     return F.normalize(x, dim=-1)
@@ -226,6 +188,7 @@ class Modules(nn.Module):
         self.compare_c, self.compare_mem = nn.Linear(E, Dk), nn.Linear(E + Dm + Dk, Dm)
 
     def find(self, kb, A, p, c):
+        # Sec. 3.2: Find, conv1x1(l2norm(kb * W c)), pushed
         att = self.find_conv(l2norm(kb * self.find_c(c)[:, None])).squeeze(-1)  # (B, K)
         p = push(p)
         return write(A, p, att), p
@@ -237,23 +200,42 @@ class Modules(nn.Module):
     def forward(self, kb, A, p, m, c):
         """-> stacks (B, K, L, M), pointers (B, L, M), memories (B, Dm, M), in MODULES order."""
         zero = torch.zeros_like(m)
-        out = [(A, p, m)]                                                # NoOp
-        out.append((*self.find(kb, A, p, c), zero))                      # Find: push
+        out = [(A, p, m)]                                                # Sec. 3.2: NoOp
+        out.append((*self.find(kb, A, p, c), zero))                      # Sec. 3.2: Find, push
         a = read(A, p)                                                   # the top map
         x = attend(kb, a)                                                # (B, Dk)
-        att = self.transform_conv(l2norm(kb * self.transform_c(c)[:, None] * x[:, None])).squeeze(-1)
-        out.append((write(A, p, att), p, zero))                          # Transform: pop 1, push 1
-        out.append((*self.and_or(*self.find(kb, A, p, c), torch.minimum), zero))  # Filter = Find, then And
-        out.append((*self.and_or(A, p, torch.minimum), zero))            # And
-        out.append((*self.and_or(A, p, torch.maximum), zero))            # Or
+        # Sec. 3.2: Transform, conv1x1(l2norm(kb * W c * x)) with x pooled under the top map; pop 1, push 1
+        att = self.transform_conv(l2norm(kb * self.transform_c(c)[:, None] * x[:, None])).squeeze(-1)  # (B, K)
+        out.append((write(A, p, att), p, zero))
+        out.append((*self.and_or(*self.find(kb, A, p, c), torch.minimum), zero))  # Sec. 3.2: Filter = Find, then And
+        out.append((*self.and_or(A, p, torch.minimum), zero))            # Sec. 3.2: And, min
+        out.append((*self.and_or(A, p, torch.maximum), zero))            # Sec. 3.2: Or, max
         ps = push(p)
-        out.append((write(A, ps, self.scene_conv(l2norm(kb)).squeeze(-1)), ps, zero))  # Scene: push
-        m1 = self.answer_mem(torch.cat([c, m, l2norm(self.answer_c(c) * x)], -1))  # (B, Dm) Answer
+        out.append((write(A, ps, self.scene_conv(l2norm(kb)).squeeze(-1)), ps, zero))  # Sec. 3.2: Scene, push
+        m1 = self.answer_mem(torch.cat([c, m, l2norm(self.answer_c(c) * x)], -1))  # (B, Dm) Sec. 3.2: Answer
         out.append((A, p, m1))
         x1 = attend(kb, read(A, pop(p)))                                 # the map under the top
-        m2 = self.compare_mem(torch.cat([c, m, l2norm(self.compare_c(c) * x1 * x)], -1))  # Compare
+        m2 = self.compare_mem(torch.cat([c, m, l2norm(self.compare_c(c) * x1 * x)], -1))  # (B, Dm) Sec. 3.2: Compare
         out.append((A, p, m2))
         return tuple(torch.stack(z, -1) for z in zip(*out))
+
+
+# ----------------------------------------------------------------------------- soft execution (Sec. 3.3)
+
+def sharpen(p, how, temp):
+    """The averaged pointer back to (nearly) one-hot: argmax (official default) or softmax(p / temp)."""
+    if how == "hard":
+        return F.one_hot(p.argmax(-1), p.size(-1)).to(p.dtype)           # official USE_HARD_SHARPEN
+    return (p / temp).softmax(-1)                                        # Sec. 3.3: softmax, official SOFT_SHARPEN_TEMP
+
+
+def execute(w, As, ps, ms, how, temp):
+    """Every module has run; w(t) (B, M) averages their stacks (B, K, L, M), pointers (B, L, M) and
+    memories (B, Dm, M) -> A (B, K, L), p (B, L), m (B, Dm)."""
+    A = (As * w[:, None, None]).sum(-1)                                  # (B, K, L) Sec. 3.3: A(t+1) = sum_m w_m A_m
+    p = sharpen((ps * w[:, None]).sum(-1), how, temp)                    # (B, L) Sec. 3.3: p(t+1) = sharpen(sum_m w_m p_m)
+    m = (ms * w[:, None]).sum(-1)                                        # (B, Dm) the memories alike
+    return A, p, m
 
 
 # ----------------------------------------------------------------------------- the model
@@ -261,8 +243,8 @@ class Modules(nn.Module):
 def tf_init(model):
     """The official code's TensorFlow initialisers (util/cnn.py): Xavier-uniform weights and zero biases
     for every fc and 1x1 conv. It matters: a map's logits are w . l2norm(...), bounded by |w|, and
-    PyTorch's default gives these convs a |w| about 2.4x smaller, which keeps the maps near uniform for
-    thousands of iterations (measured in the README, "Stack-NMN and LNMN").
+    PyTorch's default bound 1/sqrt(fan_in) is about sqrt(6) times below Xavier's sqrt(6 / (fan_in + 1))
+    for these one-output convs, which keeps the maps near uniform for long (RESULTS.md, "Stack-NMN").
     NOTE (deviation): the word embeddings keep PyTorch's N(0, 1), not the official N(0, 1/E), which
     learned slower here; the LSTM keeps PyTorch's init too."""
     for m in model.modules():
@@ -305,25 +287,23 @@ class StackNMN(nn.Module):
     def init_state(self, ctx):
         kb, q = ctx["kb"], ctx["question"]
         B, K, L = len(q), kb.size(1), self.cfg.stack_len
-        ptr = F.one_hot(torch.zeros(B, dtype=torch.long, device=q.device), L).to(q.dtype)  # bottom slot
+        ptr = F.one_hot(torch.zeros(B, dtype=torch.long, device=q.device), L).to(q.dtype)  # (B, L) at the bottom
         return dict(stack=q.new_zeros(B, K, L), ptr=ptr, memory=q.new_zeros(B, self.cfg.mem_dim),
                     control=self.controller.c_0.expand(B, -1), module_logits=q.new_zeros(B, len(self.module_names)),
                     text_attn=q.new_zeros(B, ctx["words"].size(1)), attn=q.new_zeros(B, K))
 
     def step(self, ctx, state, t):
-        """Every module runs; stack, pointer and memory are averaged with w(t); the pointer is sharpened."""
+        """One controller step (Sec. 3.1), every module (Sec. 3.2), their soft average (Sec. 3.3)."""
         averaged = ctx[self.cfg.control_over]                            # (B, S, E) what c_t averages
         c, logits, cv = self.controller(ctx["question"], state["control"], ctx["words"], averaged,
                                         ctx["word_mask"], t)
-        w = logits.softmax(-1)                                           # (B, M) w(t)
+        w = logits.softmax(-1)                                           # (B, M) Sec. 3.1: w(t)
         As, ps, ms = self.modules_(ctx["kb"], state["stack"], state["ptr"], state["memory"], c)
-        A = (As * w[:, None, None]).sum(-1)                              # (B, K, L)
-        p = sharpen((ps * w[:, None]).sum(-1), self.cfg.sharpen, self.cfg.sharpen_temp)  # (B, L)
-        m = (ms * w[:, None]).sum(-1)                                    # (B, Dm)
+        A, p, m = execute(w, As, ps, ms, self.cfg.sharpen, self.cfg.sharpen_temp)
         return dict(stack=A, ptr=p, memory=m, control=c, module_logits=logits, text_attn=cv, attn=read(A, p))
 
     def classify(self, ctx, state):
-        return self.output(torch.cat([ctx["question"], state["memory"]], -1))  # (B, A)
+        return self.output(torch.cat([ctx["question"], state["memory"]], -1))  # (B, A) output unit: [q; m_T]
 
     def halt_input(self, ctx, state):
         return state["control"]                                          # (B, E) c_t, read by DACT
@@ -337,6 +317,24 @@ class StackNMN(nn.Module):
             states.append(state)
         return ctx, states
 
+    def forward(self, batch):
+        """batch: image (B, C, H, W), question (B, S), question_len (B,), program (B, P) ->
+        log_probs (B, A), aux_loss (the layout or the entropy term, Sec. 3.4), metrics (--layout gt)."""
+        ctx, states = self.run(batch)
+        out = {"log_probs": self.classify(ctx, states[-1]).log_softmax(-1)}
+        logits = torch.stack([s["module_logits"] for s in states], 1)    # (B, T, M)
+        if self.cfg.layout == "gt":
+            if self.program_tokens is None or batch["program"].size(1) < 3:
+                raise ValueError("--layout gt needs CLEVR programs in the data")
+            gt = self.layouts(batch["program"])                          # (B, T)
+            out["aux_loss"] = self.cfg.layout_weight * layout_loss(logits, gt)
+            out["metrics"] = {"layout_acc": layout_accuracy(logits, gt)}
+        else:
+            ramp = entropy_ramp(self.progress, self.cfg.entropy_begin, self.cfg.entropy_end)
+            on = ramp > 0 and self.training
+            out["aux_loss"] = self.cfg.entropy_weight * ramp * module_entropy(logits) if on else 0.0
+        return out
+
     def layouts(self, program):
         """Expert layouts of a batch (B, T), NoOp-padded; -100 for a program longer than T."""
         rows = [_layout(tuple(self.program_tokens[i] for i in row.tolist() if i > data.UNK)) for row in program.cpu()]
@@ -344,35 +342,75 @@ class StackNMN(nn.Module):
         return torch.tensor([r + [NOOP] * (T - len(r)) if len(r) <= T else [-100] * T for r in rows],
                             device=program.device)
 
-    def forward(self, batch):
-        """batch: image (B, C, H, W), question (B, S), question_len (B,), program (B, P) ->
-        log_probs (B, A), aux_loss (layout or entropy term, weight decay), metrics."""
-        ctx, states = self.run(batch)
-        out = {"log_probs": self.classify(ctx, states[-1]).log_softmax(-1)}
-        logits = torch.stack([s["module_logits"] for s in states], 1)    # (B, T, M)
-        aux = self.cfg.weight_decay / 2 * sum((p ** 2).sum() for n, p in self.named_parameters()
-                                              if p.dim() > 1 and "embed" not in n and "lstm" not in n) if self.cfg.weight_decay else 0.0
-        if self.cfg.layout == "gt":
-            if self.program_tokens is None or batch["program"].size(1) < 3:
-                raise ValueError("--layout gt needs CLEVR programs in the data")
-            gt = self.layouts(batch["program"])                          # (B, T)
-            aux = aux + self.cfg.layout_weight * F.cross_entropy(logits.flatten(0, 1), gt.flatten(), ignore_index=-100)
-            known = (gt >= 0).all(1)
-            out["metrics"] = {"layout_acc": ((logits.argmax(-1) == gt).float().mean(1) * known)}
-        else:                                                            # official 'warmup_scaling'
-            ramp = min(max((self.progress - self.cfg.entropy_begin) /
-                           max(self.cfg.entropy_end - self.cfg.entropy_begin, 1e-9), 0.0), 1.0)
-            if ramp > 0 and self.training:
-                w = logits.softmax(-1)
-                entropy = -(w * w.clamp(min=1e-5).log()).sum(-1).mean()
-                aux = aux + self.cfg.entropy_weight * ramp * entropy
-        out["aux_loss"] = aux
-        return out
+    def regularizer(self):
+        """The weight decay, a term of the training loss only (the trainer adds it): wd / 2 * sum ||W||^2
+        over the weight matrices, the word embeddings and the LSTM left out (official WEIGHT_DECAY)."""
+        if not self.cfg.weight_decay:
+            return 0.0
+        return self.cfg.weight_decay / 2 * sum((p ** 2).sum() for n, p in self.named_parameters()
+                                               if p.dim() > 1 and "embed" not in n and "lstm" not in n)
+
+
+# ----------------------------------------------------------------------------- training terms (Sec. 3.4)
+
+# official code (exp_clevr_snmn/data/get_ground_truth_layout.py): CLEVR function -> module
+FUNCTION_MODULE = {"filter": FILTER, "same": TRANSFORM, "relate": TRANSFORM, "intersect": AND, "union": OR,
+                   "equal": COMPARE, "greater_than": COMPARE, "less_than": COMPARE, "count": ANSWER,
+                   "exist": ANSWER, "query": ANSWER, "scene": SCENE, "unique": None}
+COMPARES = ("equal_", "greater_than", "less_than")
+DROPPED_UNDER_COMPARE = ("count", "query_")  # Compare reads the two maps itself
+
+
+def function_module(fn):
+    return FUNCTION_MODULE[fn] if fn in FUNCTION_MODULE else FUNCTION_MODULE[fn.split("_")[0]]
+
+
+def expert_layout(tokens):
+    """Prefix program tokens -> module indices in execution (post-)order, as the official code:
+    count / query_* under a comparison are dropped, `unique` is dropped, Scene + Filter -> Find."""
+    def visit(tree):
+        fn, kids = data.token_function(tree["token"]), tree["children"]
+        if fn.startswith(COMPARES):
+            kids = [k["children"][0] if data.token_function(k["token"]).startswith(DROPPED_UNDER_COMPARE) else k
+                    for k in kids]
+        mods = [m for k in kids for m in visit(k)]
+        return mods + ([] if function_module(fn) is None else [function_module(fn)])
+    mods = visit(data.prefix_to_tree(list(tokens)))
+    out = []
+    for m in mods:
+        if m == FILTER and out and out[-1] == SCENE:
+            out[-1] = FIND
+        else:
+            out.append(m)
+    return out
 
 
 @lru_cache(maxsize=1 << 16)
 def _layout(tokens):
     return expert_layout(tokens)
+
+
+def layout_loss(logits, gt):
+    """Sec. 3.4: cross-entropy of w(t) against the expert layout, logits (B, T, M), gt (B, T) (-100: none)."""
+    return F.cross_entropy(logits.flatten(0, 1), gt.flatten(), ignore_index=-100)
+
+
+def layout_accuracy(logits, gt):
+    """(B,) share of the T steps whose argmax module is the expert's; 0 where the layout did not fit."""
+    known = (gt >= 0).all(1)
+    return (logits.argmax(-1) == gt).float().mean(1) * known
+
+
+def entropy_ramp(progress, begin, end):
+    """The entropy term's weight, 0 -> 1 between the fractions begin and end of the run
+    (official 'warmup_scaling')."""
+    return min(max((progress - begin) / max(end - begin, 1e-9), 0.0), 1.0)
+
+
+def module_entropy(logits):
+    """Sec. 3.4: the entropy of w(t), averaged over the steps and the batch; logits (B, T, M)."""
+    w = logits.softmax(-1)
+    return -(w * w.clamp(min=1e-5).log()).sum(-1).mean()
 
 
 Config, Model = StackNMNConfig, StackNMN  # names the trainer's registry looks for
@@ -388,7 +426,7 @@ def smoke():
     batch = dict(image=torch.rand(4, 18, 6, 6), question=torch.randint(4, 20, (4, 9)) * (torch.arange(9) < lens[:, None]),
                  question_len=lens, program=torch.tensor([[1, 4, 6, 5, 2]] * 4), answer=torch.randint(0, 7, (4,)))
     out = model(batch)
-    loss = F.nll_loss(out["log_probs"], batch["answer"]) + out["aux_loss"]
+    loss = F.nll_loss(out["log_probs"], batch["answer"]) + out["aux_loss"] + model.regularizer()
     loss.backward()
     print(f"log_probs {tuple(out['log_probs'].shape)}  loss {loss.item():.3f}  "
           f"params {sum(p.numel() for p in model.parameters()):,}")
