@@ -4,10 +4,13 @@ min, max, sum, product, choose_1 and choose_2, trained by alternating first-orde
 Paper: V. Pahuja, J. Fu, S. Chandar, C. J. Pal, "Structure Learning for Neural Module Networks",
 LANTERN workshop at EMNLP 2019, arXiv:1905.11532. Official code: vardaan123/LNMN (PyTorch).
 
-This file holds the generic cells (attention and answer modules with 3 and 4 inputs, Sec. 3.1), the
-module inventories of Table 3, `LNMN` (Stack-NMN's input unit, controller, stack and output unit from
-stack_nmn.py, with these cells as its modules; Sec. 3.2) and the losses of Algorithm 2. The analysis
-of a trained run is a tool outside it (`python analyze.py lnmn`):
+The file follows the paper: the generic cell (Sec. 3.1: the node O, cells of 3 and 4 inputs, attention
+and answer kinds), the module inventories (Table 3), the model (Sec. 3.2: Stack-NMN's input unit,
+controller, stack and output unit from stack_nmn.py, Sec. 2.1-2.3 and Algorithm 1, with these cells as
+its modules) and Algorithm 2's training terms (the entropy of w(t) under the lambda_w schedule, the
+sparsity of softmax(alpha), and the alpha step on held-out questions). The experiments that are not in
+the paper are gathered in one section at the end ("beyond the paper"). The analysis of a trained run
+is a tool outside this file (`python analyze.py lnmn`):
 
     python train.py lnmn [--modules 9|11|14]     # weights on training batches, alphas on a held-out slice
     python train.py lnmn --cells stack           # not in the paper: Stack-NMN's modules as fixed cells
@@ -16,7 +19,9 @@ of a trained run is a tool outside it (`python analyze.py lnmn`):
         # Fig. 3 (alpha heat map), Table 6 (expressions), Table 7 (operator ablation), Table 2 (hard-max)
     python lnmn.py                               # smoke run
 
-Shapes: as stack_nmn.py, and d = cfg.map_dim (node channels), N = 6 operators, k = nodes of a cell.
+Shapes: as stack_nmn.py (B batch, K = H*W knowledge cells, E size of c_t, Dm memory, T steps, L stack
+slots, M modules, A answers), and
+    d  node channels (cfg.map_dim)   N  operators (6)   k  nodes of a cell (2 with 3 inputs, 3 with 4)
 """
 import collections
 from dataclasses import dataclass
@@ -30,24 +35,9 @@ import torch.nn.functional as F
 import stack_nmn
 from stack_nmn import pop, push, read, write
 
-OPS = ("min", "max", "sum", "product", "choose_1", "choose_2")
+OPS = ("min", "max", "sum", "product", "choose_1", "choose_2")                  # Sec. 3.1, in the paper's order
 # Table 3: (attention 3-input, attention 4-input, answer 3-input, answer 4-input); + 1 NoOp (footnote 2)
 INVENTORIES = {9: (4, 2, 1, 1), 11: (4, 2, 2, 2), 14: (5, 4, 2, 2)}
-# Not in the paper: Stack-NMN's modules written as cells, the ops of each node (--cells stack freezes the
-# alphas on them, the reference the search is measured against; an inventory's cells of one kind take
-# these in turn). The 1x1 cells cannot move a map across positions, so Transform has no cell.
-STACK_CELLS = {
-    ("attn", 3): [("choose_1", "product"),             # Find:   conv2(conv1(I) * W1 c)
-                  ("product", "product"),              # Filter: conv2(conv1(I) * a * W1 c) (Find, softly And-ed)
-                  ("choose_1", "choose_1"),            # Scene:  conv2(conv1(I))
-                  ("sum", "product")],                 #         conv2((conv1(I) + a) * W1 c): Find on an empty stack
-    ("attn", 4): [("min", "choose_1", "choose_1"),     # And:    conv2(min(a1, a2))
-                  ("max", "choose_1", "choose_1")],    # Or:     conv2(max(a1, a2))
-    ("ans", 3): [("product", "product"),               # Answer: W2[sum(conv1(I) * a * W1 c), W1 c, f_mem]
-                 ("choose_2", "choose_1")],            #         W2[sum(a), W1 c, f_mem] (a count)
-    ("ans", 4): [("sum", "product", "product"),        # Compare: W2[sum((a1 + a2) * conv1(I) * W1 c), ...]
-                 ("max", "product", "product")],
-}
 
 
 @dataclass
@@ -81,13 +71,9 @@ class LNMNConfig:
     compare: Literal["cell", "pooled"] = "cell"  # NOTE (not in the paper): "pooled": Ans4 cells = Stack-NMN's Compare
 
 
-# A CPU run on the built-in mini-CLEVR (not from the paper; README, "Stack-NMN and LNMN"). It runs the
-# node as the paper writes it (no per-node L2 norm) and steps the alphas at the paper's 3e-4: 72.5% val
-# after its 10 epochs (2 h on one thread; seed 1: 73.8%), 66.3% when cut to 6, where the official code's
-# norm with the alphas at 1e-2 (this preset before; one-hot alphas within 600 iterations) reached 53.8%
-# in 6 (seed 0 each; seeds differ by several points: after 3 epochs three seeds of this preset had
-# 56.4-61.2%). In runs this short the alphas stay mixtures at 3e-4 (hard-max alphas: 30.3% after 10
-# epochs, 8.1% after 6). Keys that are not Config fields set the trainer.
+# A CPU run on the built-in mini-CLEVR (not from the paper): the node as the paper writes it (no per-node
+# L2 norm) and the alphas stepped at the paper's 3e-4. Its accuracy and time, and those of the settings
+# it was chosen over, are in RESULTS.md, "LNMN". Keys that are not Config fields set the trainer.
 PRESETS = {
     "laptop": dict(map_dim=64, dim=128, embed_dim=64, kb_dim=64, pe_dim=16, mem_dim=128, out_dim=128,
                    output_dropout=0.0, node_norm=False, lr=1e-3, schedule="cosine", batch_size=128, epochs=10,
@@ -95,27 +81,36 @@ PRESETS = {
 }
 
 
-# ----------------------------------------------------------------------------- the cell (Sec. 3.1)
+# ----------------------------------------------------------------------------- the generic cell (Sec. 3.1)
 
 def op_weights(alpha, mask=None, hard=False):
-    """softmax(alpha) (..., N), or its argmax one-hot (Table 2); `mask` (N,) zeroes operators (Table 7)."""
+    """alpha' = softmax(alpha) (..., N), or its argmax one-hot (Table 2); `mask` (N,) zeroes operators (Table 7)."""
     w = F.one_hot(alpha.argmax(-1), len(OPS)).to(alpha.dtype) if hard else alpha.softmax(-1)
     return w if mask is None else w * mask
 
 
+def node_reference(w, x1, x2, normalize=True):
+    """The node as Sec. 3.1 writes it: O(x1, x2) = sum_i alpha'_i op_i(x1, x2), w = alpha' (N,) over OPS,
+    then L2-normalised over channels (official code) unless normalize=False. `node` computes the same,
+    rearranged for speed; tests/test_lnmn.py checks that the two agree in values and gradients."""
+    x1, x2 = torch.broadcast_tensors(x1, x2)                             # (B, K, d) each
+    ops = (torch.minimum(x1, x2), torch.maximum(x1, x2), x1 + x2, x1 * x2, x1, x2)  # in OPS order
+    out = sum(w_i * op for w_i, op in zip(w, ops))                       # (B, K, d) Sec. 3.1: O(x1, x2)
+    return F.normalize(out, dim=-1) if normalize else out
+
+
 def node(w, x1, x2, normalize=True):
-    """O(x1, x2) = sum_i w_i op_i(x1, x2), then L2-normalised over channels (official code; on a
-    1-channel map that norm is x / |x| = sign(x): `normalize=False` skips it).
-    x1, x2 broadcast to (B, K, d); w: (N,) over OPS = min, max, sum, product, choose_1, choose_2.
-    min and max are written (x1 + x2 -+ |x1 - x2|) / 2: the same values and gradients (ties included:
-    each input gets half), but torch.minimum/maximum's backward on broadcast inputs took 40% of a
-    training step; with |x1 - x2| a step (laptop preset, batch 128, one thread) is 1.8x faster. By term:
-    sum_i w_i op_i = (w_min + w_max) / 2 (x1 + x2) + (w_max - w_min) / 2 |x1 - x2| + w_sum (x1 + x2)
-                     + w_prod x1 x2 + w_1 x1 + w_2 x2,
-    gathered as x1 (s + w_1 + w_prod x2) + (s + w_2) x2 + ..., s = (w_min + w_max) / 2 + w_sum: fewer
-    passes over the (B, K, d) tensors (a node's forward + backward 1.2-1.4x faster, measured)."""
+    """`node_reference` rearranged: x1, x2 broadcast to (B, K, d); w (N,) over OPS. min and max are written
+    (x1 + x2 -+ |x1 - x2|) / 2, with the same values and gradients (ties included: each input gets half,
+    as torch.minimum / torch.maximum give), because their backward on broadcast inputs is slow
+    (RESULTS.md, "Speed of a node"). By term,
+        sum_i w_i op_i = (w_min + w_max) / 2 (x1 + x2) + (w_max - w_min) / 2 |x1 - x2| + w_sum (x1 + x2)
+                         + w_prod x1 x2 + w_1 x1 + w_2 x2,
+    gathered as x1 (s + w_1 + w_prod x2) + (s + w_2) x2 + ..., s = (w_min + w_max) / 2 + w_sum, so that
+    fewer passes run over the (B, K, d) tensors."""
     w_min, w_max, w_sum, w_prod, w_1, w_2 = w
     s = (w_min + w_max) / 2 + w_sum                                      # the weight of x1 + x2
+    # Sec. 3.1: O(x1, x2) = w_min min(x1, x2) + w_max max(x1, x2) + w_sum (x1 + x2) + w_prod x1 x2 + w_1 x1 + w_2 x2
     out = x1 * (s + w_1 + w_prod * x2) + (s + w_2) * x2 + (w_max - w_min) / 2 * (x1 - x2).abs()  # (B, K, d)
     out = out.expand(torch.broadcast_shapes(x1.shape, x2.shape))
     return F.normalize(out, dim=-1) if normalize else out
@@ -130,7 +125,7 @@ class Cell(nn.Module):
     def __init__(self, kind, inputs, cfg):
         super().__init__()
         self.kind, self.inputs, self.norm = kind, inputs, cfg.node_norm
-        self.pooled = kind == "ans" and inputs == 4 and cfg.compare == "pooled"   # no nodes: nothing to search
+        self.pooled = kind == "ans" and inputs == 4 and cfg.compare == "pooled"  # beyond the paper: pooled_compare
         self.merge_norm = cfg.node_norm and not cfg.norm_fix
         # NOTE (deviation): alphas start near uniform, N(0, 1e-3), as DARTS (the official code: N(0, 1))
         self.alpha = nn.Parameter(1e-3 * torch.randn(inputs - 1, len(OPS)), requires_grad=not self.pooled)
@@ -140,24 +135,24 @@ class Cell(nn.Module):
     def forward(self, I, maps, c, m, mask=None, hard=False):
         """I (B, K, d) conv1(I); maps [(B, K)] 1 or 2 attention maps (logits); c (B, d) W1 c;
         m (B, Dm) f_mem -> attention map (B, K) or memory (B, Dm)."""
-        if self.pooled:  # --compare pooled: Stack-NMN's Compare, each map pools the image, the two multiply
-            x1, x2 = [(a.softmax(-1)[..., None] * I).sum(1) for a in maps]   # (B, d) each
-            return self.out(torch.cat([F.normalize(x1 * x2 * c, dim=-1), c, m], -1))  # (B, Dm)
+        if self.pooled:
+            return pooled_compare(self, I, maps, c, m)                   # (B, Dm) beyond the paper
         w = op_weights(self.alpha, mask, hard)                           # (k, N)
         maps = [a[..., None] for a in maps]                              # (B, K, 1): broadcast over channels
         if self.inputs == 3:
-            x = node(w[0], I, maps[0], self.norm)                        # (B, K, d)
+            x = node(w[0], I, maps[0], self.norm)                        # (B, K, d) Sec. 3.1.1: O1(conv1(I), a)
         else:  # the two maps merged: (B, K, 1); the official code's L2 norm makes it sign(x) (norm_fix)
-            x = node(w[1], node(w[0], maps[0], maps[1], self.merge_norm), I, self.norm)
-        x = node(w[-1], x, c[:, None], self.norm)                        # (B, K, d) the last node
+            x = node(w[0], maps[0], maps[1], self.merge_norm)            # (B, K, 1) Sec. 3.1.2: O1(a1, a2)
+            x = node(w[1], x, I, self.norm)                              # (B, K, d) Sec. 3.1.2: O2(O1, conv1(I))
+        x = node(w[-1], x, c[:, None], self.norm)                        # (B, K, d) Sec. 3.1: the last node, (., W1 c)
         if self.kind == "ans":
-            return self.out(torch.cat([x.sum(1), c, m], -1))             # (B, Dm) W2[sum x; W1 c; f_mem]
-        return self.out(x).squeeze(-1)                                   # (B, K) conv2
+            return self.out(torch.cat([x.sum(1), c, m], -1))             # (B, Dm) Sec. 3.1: W2[sum x; W1 c; f_mem]
+        return self.out(x).squeeze(-1)                                   # (B, K) Sec. 3.1: conv2, 1x1 to one channel
 
     def expression(self, hard_alpha=None):
         """The analytical expression from the argmax op of every node (Table 6), choose_* resolved."""
         if self.pooled:
-            return "W2[l2norm(sum(softmax(a1) conv1(I)) * sum(softmax(a2) conv1(I)) * W1 c), W1 c, f_mem]"
+            return POOLED_EXPRESSION
         idx = (self.alpha if hard_alpha is None else hard_alpha).argmax(-1).tolist()
         terms = ("conv1(I)", "a") if self.inputs == 3 else ("a1", "a2")
         x = show(idx[0], *terms)
@@ -182,7 +177,7 @@ def par(s):
     return s
 
 
-# ----------------------------------------------------------------------------- the module bank (Sec. 3.2)
+# ----------------------------------------------------------------------------- the model (Sec. 3.2)
 
 class CellModules(nn.Module):
     """NoOp + the cells of Table 3. Stack use (Sec. 2.2): attention 3-input reads the top map and pushes
@@ -200,17 +195,12 @@ class CellModules(nn.Module):
         kinds = [("attn", 3), ("attn", 4), ("ans", 3), ("ans", 4)]
         self.cells = nn.ModuleList(Cell(k, n, cfg) for (k, n), c in zip(kinds, counts) for _ in range(c))
         self.names = ["NoOp"] + [f"{'Attn' if c.kind == 'attn' else 'Ans'}{c.inputs}_{i}" for i, c in enumerate(self.cells)]
-        if cfg.cells == "stack":  # softmax(20 one-hot) = one-hot to 1e-8; frozen: no alpha steps (LNMN.arch_optimizer)
-            turn = collections.Counter()                                 # cells of one kind take STACK_CELLS in turn
-            for cell in self.cells:
-                kind = (cell.kind, cell.inputs)
-                ops = STACK_CELLS[kind][turn[kind] % len(STACK_CELLS[kind])]
-                turn[kind] += 1
-                cell.alpha.data = 20 * F.one_hot(torch.tensor([OPS.index(o) for o in ops]), len(OPS)).float()
-                cell.alpha.requires_grad_(False)
+        if cfg.cells == "stack":
+            fix_stack_cells(self.cells)                                  # beyond the paper
         self.op_mask, self.hard = None, False                            # set by the analysis (Tables 7, 2)
 
     def forward(self, kb, A, p, m, c):
+        """-> stacks (B, K, L, M), pointers (B, L, M), memories (B, Dm, M), NoOp first, then the cells."""
         I, cw = self.conv1(kb), self.w1(c)                               # (B, K, d), (B, d)
         a2, p_pop = read(A, p), pop(p)
         a1 = read(A, p_pop)                                              # the map under the top
@@ -219,43 +209,70 @@ class CellModules(nn.Module):
         for cell in self.cells:
             maps = [a2] if cell.inputs == 3 else [a1, a2]
             y = cell(I, maps, cw, m, self.op_mask, self.hard)
-            if cell.kind == "ans":                                       # pops what it read
+            if cell.kind == "ans":                                       # Sec. 2.2: pops what it read
                 out.append((A, p_pop if cell.inputs == 3 else pop(p_pop), y))
             elif cell.inputs == 3:
                 q = push(p) if self.cfg.push_fix else p
                 out.append((write(A, q, y), q, zero))
-            else:
+            else:                                                        # Sec. 2.2: pops 2, pushes 1
                 out.append((write(A, p_pop, y), p_pop, zero))
         return tuple(torch.stack(z, -1) for z in zip(*out))
 
 
 class LNMN(stack_nmn.StackNMN):
-    """Stack-NMN with CellModules; aux_loss = -lambda_w 1e-2 mean_t H(w(t)); arch_loss = -lambda_op
-    sum_{m,k} ||softmax(alpha)||_2 / ||softmax(alpha)||_1 (Algorithm 2), for the trainer's alpha step."""
+    """Sec. 3.2: Stack-NMN (its input unit, controller, stack with soft execution and output unit) with
+    CellModules as its modules. forward -> log_probs (B, A), aux_loss = -lambda_w 1e-2 mean_t H(w(t)) for
+    the weights, arch_loss = -lambda_op sum_{m,k} ||softmax(alpha)||_2 / ||softmax(alpha)||_1 for the
+    alphas (Algorithm 2); the trainer takes the alpha step through `arch_step`."""
 
     def build_modules(self, cfg):
         bank = CellModules(cfg)
         self.module_names = bank.names
         return bank
 
+    def forward(self, batch):
+        warm_up_alphas(self)                                             # --arch-warmup, beyond the paper
+        ctx, states = self.run(batch)
+        w = torch.stack([s["module_logits"] for s in states], 1).softmax(-1)  # (B, T, M) w(t)
+        return {"log_probs": self.classify(ctx, states[-1]).log_softmax(-1),
+                "aux_loss": self.entropy_term(w), "arch_loss": self.sparsity_term()}
+
+    def regularizer(self):
+        """No weight decay on the weights (Sec. 4), so Stack-NMN's regularizer is not inherited."""
+        return 0.0
+
+    # ---- Algorithm 2: step 1 (the weights, by the trainer) and step 2 (the alphas, arch_step)
+
     def lambda_w(self):
         """1 -> 0 over the first entropy_switch of the run, then 0 -> -1 (Sec. 3.2, Fig. 5)."""
         s, p = self.cfg.entropy_switch, self.progress
         return 1 - p / s if p < s else -(p - s) / max(1 - s, 1e-9)
 
+    def entropy_term(self, w):
+        """Algorithm 2, step 1: -lambda_w / T sum_t H(w(t)), times entropy_weight (official code); w (B, T, M)."""
+        entropy = -(w * w.clamp(min=1e-8).log()).sum(-1).mean()         # mean over t (and the batch)
+        return -self.lambda_w() * self.cfg.entropy_weight * entropy
+
+    def sparsity_term(self):
+        """Algorithm 2, step 2: -lambda_op sum_{m,k} ||softmax(alpha^{m,k})||_2 / ||softmax(alpha^{m,k})||_1."""
+        alphas = torch.cat(self.arch_parameters()).softmax(-1)           # (nodes, N)
+        sparsity = (alphas.norm(dim=-1) / alphas.sum(-1)).sum()
+        return -self.cfg.op_weight * sparsity
+
     def arch_parameters(self):
         return [c.alpha for c in self.modules_.cells if not c.pooled]  # a pooled cell's alphas are unused
 
     def arch_optimizer(self):
-        if self.cfg.cells == "stack":  # the alphas are fixed: no alpha step (the trainer skips a None)
+        """Sec. 4: Adam, lr 3e-4, betas (0.5, 0.999), weight decay 1e-3, on the alphas alone."""
+        if self.cfg.cells == "stack":  # beyond the paper: the alphas are fixed, no alpha step (the trainer skips None)
             return None
         return torch.optim.Adam(self.arch_parameters(), lr=self.cfg.arch_lr, betas=(0.5, 0.999),
                                 weight_decay=self.cfg.arch_wd)
 
     def arch_step(self, forward, batch, optimizer, autocast):
-        """Algorithm 2's alpha update (first-order DARTS): one step of `optimizer` on the NLL of a held-out
-        batch plus the sparsity term. `forward` is the model as the trainer runs it (compiled, in DDP), so
-        that the alpha gradients are averaged over the processes."""
+        """Algorithm 2, step 2 (first-order DARTS): one step of `optimizer` on the NLL of a held-out batch
+        plus the sparsity term. `forward` is the model as the trainer runs it (compiled, in DDP), so that
+        the alpha gradients are averaged over the processes."""
         with autocast:
             out = forward(batch)
             loss = F.nll_loss(out["log_probs"].float(), batch["answer"], ignore_index=-100) + out["arch_loss"]
@@ -268,22 +285,61 @@ class LNMN(stack_nmn.StackNMN):
         order = np.random.default_rng(self.cfg.held_out_seed).permutation(n)
         return np.sort(order[int(round(self.cfg.held_out * n)):])
 
-    def forward(self, batch):
-        if self.training and self.cfg.cells == "learned" and self.cfg.arch_warmup:
-            # --arch-warmup: the trainer skips the alpha step while no alpha requires a gradient
-            for alpha in self.arch_parameters():
-                alpha.requires_grad_(self.progress >= self.cfg.arch_warmup)
-        ctx, states = self.run(batch)
-        w = torch.stack([s["module_logits"] for s in states], 1).softmax(-1)  # (B, T, M)
-        entropy = -(w * w.clamp(min=1e-8).log()).sum(-1).mean()         # mean over t (and the batch)
-        alphas = torch.cat(self.arch_parameters()).softmax(-1)                 # (nodes, N)
-        sparsity = (alphas.norm(dim=-1) / alphas.sum(-1)).sum()
-        return {"log_probs": self.classify(ctx, states[-1]).log_softmax(-1),
-                "aux_loss": -self.lambda_w() * self.cfg.entropy_weight * entropy,
-                "arch_loss": -self.cfg.op_weight * sparsity}
-
 
 Config, Model = LNMNConfig, LNMN  # names the trainer's registry looks for
+
+
+# ---- beyond the paper ----
+# Three experiments of this codebase, none of them in the paper: --cells stack (Stack-NMN's modules
+# written as cells, their alphas fixed: the reference the search is measured against), --compare pooled
+# (the 4-input answer cell as Stack-NMN's Compare) and --arch-warmup (the weights alone for a share of
+# the run before the first alpha step, as DARTS-style warm-ups).
+
+# Stack-NMN's modules written as cells, the ops of each node; an inventory's cells of one kind take
+# these in turn. The 1x1 cells cannot move a map across positions, so Transform has no cell.
+STACK_CELLS = {
+    ("attn", 3): [("choose_1", "product"),             # Find:   conv2(conv1(I) * W1 c)
+                  ("product", "product"),              # Filter: conv2(conv1(I) * a * W1 c) (Find, softly And-ed)
+                  ("choose_1", "choose_1"),            # Scene:  conv2(conv1(I))
+                  ("sum", "product")],                 #         conv2((conv1(I) + a) * W1 c): Find on an empty stack
+    ("attn", 4): [("min", "choose_1", "choose_1"),     # And:    conv2(min(a1, a2))
+                  ("max", "choose_1", "choose_1")],    # Or:     conv2(max(a1, a2))
+    ("ans", 3): [("product", "product"),               # Answer: W2[sum(conv1(I) * a * W1 c), W1 c, f_mem]
+                 ("choose_2", "choose_1")],            #         W2[sum(a), W1 c, f_mem] (a count)
+    ("ans", 4): [("sum", "product", "product"),        # Compare: W2[sum((a1 + a2) * conv1(I) * W1 c), ...]
+                 ("max", "product", "product")],
+}
+
+
+def fix_stack_cells(cells):
+    """--cells stack: every cell's alphas set to 20 * one-hot of its STACK_CELLS ops (softmax(20 one-hot)
+    = one-hot to 1e-8) and frozen, so LNMN.arch_optimizer has no alpha step to take."""
+    turn = collections.Counter()                                         # cells of one kind take STACK_CELLS in turn
+    for cell in cells:
+        kind = (cell.kind, cell.inputs)
+        ops = STACK_CELLS[kind][turn[kind] % len(STACK_CELLS[kind])]
+        turn[kind] += 1
+        cell.alpha.data = 20 * F.one_hot(torch.tensor([OPS.index(o) for o in ops]), len(OPS)).float()
+        cell.alpha.requires_grad_(False)
+
+
+POOLED_EXPRESSION = "W2[l2norm(sum(softmax(a1) conv1(I)) * sum(softmax(a2) conv1(I)) * W1 c), W1 c, f_mem]"
+
+
+def pooled_compare(cell, I, maps, c, m):
+    """--compare pooled: a 4-input answer cell computed as Stack-NMN's Compare: each map pools the image
+    on its own, the two pooled features multiply. The cell's alphas are unused (and frozen).
+    I (B, K, d), maps [(B, K)] * 2, c (B, d), m (B, Dm) -> (B, Dm)."""
+    x1, x2 = [(a.softmax(-1)[..., None] * I).sum(1) for a in maps]       # (B, d) each
+    return cell.out(torch.cat([F.normalize(x1 * x2 * c, dim=-1), c, m], -1))  # (B, Dm)
+
+
+def warm_up_alphas(model):
+    """--arch-warmup: while training, before that share of the run no alpha requires a gradient, and the
+    trainer skips the alpha step while none does. A no-op without the flag or with --cells stack."""
+    if model.training and model.cfg.cells == "learned" and model.cfg.arch_warmup:
+        for alpha in model.arch_parameters():
+            alpha.requires_grad_(model.progress >= model.cfg.arch_warmup)
 
 
 def smoke():
