@@ -77,7 +77,11 @@ def test_dact_compares_mac_compact_and_mask(dact_run, tiny_data, tmp_path):
                       "--repeats", "1", "--device", "cpu", "--json", str(tmp_path / "bench.json")])
     rows = json.loads((tmp_path / "bench.json").read_text())["dact"]["rows"]
     assert [r["name"].split(",")[0] for r in rows] == ["mac", "DACT compact", "DACT mask"]
-    assert rows[0]["speedup_vs_mac"] == 1.0 and rows[0]["avg_steps"] == 3
+    assert rows[0]["avg_steps"] == 3                                     # the inner MAC runs all its steps
+    for r in rows[1:]:                                                   # each DACT row against the MAC row
+        assert r["speedup_vs_mac"] == pytest.approx(r["questions_per_s"] / rows[0]["questions_per_s"])
+    for r in rows:                                                       # right answers out of 32 questions
+        assert r["acc"] * 32 == pytest.approx(round(r["acc"] * 32))
     assert rows[1]["acc"] == rows[2]["acc"] and rows[1]["avg_steps"] == rows[2]["avg_steps"]
     assert res["dact"]["questions"] == 32
     with pytest.raises(SystemExit, match="is not a DACT run"):
