@@ -59,11 +59,25 @@ def test_registry_names_and_presets():
     for name, preset in mac.PRESETS.items():
         assert set(preset) <= fields | trainer, name  # the rest of a preset sets the trainer
         MACConfig(**{k: v for k, v in preset.items() if k in fields})
-    d = MACConfig()
-    assert (d.dim, d.embed_dim, d.max_steps) == (512, 300, 12)
-    dropouts = (d.stem_dropout, d.question_dropout, d.memory_dropout, d.output_dropout)
-    assert dropouts == (0.18, 0.08, 0.15, 0.15)
-    assert not d.self_attention and not d.memory_gate
+
+
+def test_the_default_config_builds_the_papers_clevr_model():
+    """MACConfig() on CLEVR's ResNet features: a 196-cell knowledge base of d = 512, 12 steps, plain
+    write unit (no self-attention, no gate), one variational memory mask per example (keep 0.85)."""
+    torch.manual_seed(0)
+    info = dict(num_words=NUM_WORDS, num_answers=NUM_ANSWERS, image_kind="features", image_shape=SHAPES["features"])
+    model = MAC(MACConfig(), info).eval()
+    batch = make_batch(B=2, kind="features")
+    with torch.no_grad():
+        ctx, states, logits = run_protocol(model, batch)
+        assert ctx["knowledge"].shape == (2, 196, 512) and ctx["words"].shape == (2, 10, 512)
+        assert len(states) == 12 and logits.shape == (2, NUM_ANSWERS)
+        with pytest.raises(IndexError):
+            model.step(ctx, states[-1], 12)
+        assert set(states[-1]) == {"control", "memory", "control_attn", "read_attn"}  # no history kept
+        assert not hasattr(model.write, "gate") and not hasattr(model.write, "sa_attn")
+        mask = model.train().encode(batch)["memory_mask"]                   # (2, 512)
+    assert torch.allclose(mask.unique(), torch.tensor([0.0, 1 / 0.85]))
 
 
 @pytest.mark.parametrize("kind", ["pixels", "features"])

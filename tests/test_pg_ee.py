@@ -203,8 +203,14 @@ def test_batched_and_naive_execution_give_the_same_answers(info, batch, batched)
     assert all(torch.allclose(zero(x, p), zero(y, p), atol=1e-10) for x, y, p in zip(ga, gb, params))
 
 
-def test_exec_is_topo_or_naive(info, tiny_data, tmp_path):
-    assert pg_ee.PGEEConfig().exec == "topo"
+def test_exec_is_topo_or_naive(info, batch, tiny_data, tmp_path, monkeypatch):
+    run_topo, run_naive, calls = topo_exec.run_topo, topo_exec.run_naive, []
+    monkeypatch.setattr(topo_exec, "run_topo", lambda plan, *a: calls.append(plan.schedule) or run_topo(plan, *a))
+    monkeypatch.setattr(topo_exec, "run_naive", lambda *a: calls.append("naive") or run_naive(*a))
+    with torch.no_grad():
+        model(info, stage="ee").execute(batch["image"], batch["program"])  # the default: batched by height
+        model(info, stage="ee", exec="naive").execute(batch["image"], batch["program"])
+    assert calls == ["height", "naive"]
     for schedule in ("agenda", "level", "postorder"):                    # benchmark schedules, not settings
         with pytest.raises(ValueError, match="benchmark"):
             model(info, stage="ee", exec=schedule)
