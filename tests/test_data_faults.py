@@ -17,6 +17,7 @@ import data
 import prepare
 import train
 
+pytestmark = pytest.mark.robustness  # bad input and fuzzing: `pytest -m "not robustness"` skips them
 QUIET = dict(log=lambda *a, **k: None)
 FUZZ = settings(max_examples=150, deadline=None, database=None, derandomize=True,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])

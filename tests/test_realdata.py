@@ -132,6 +132,7 @@ def test_preprocessing_uses_imagenet_mean_and_std_or_clevr_iep_typo():
     assert torch.equal(good[:2], typo[:2]) and torch.allclose(typo[2] * 0.224, good[2] * 0.225)
 
 
+@pytest.mark.robustness  # a Ctrl-C injected during extraction
 def test_extraction_resumes_where_it_was_interrupted(clevr, tmp_path):
     files = prepare.clevr_image_files(clevr, "train")
     ref = features_of(files)
@@ -154,6 +155,7 @@ def test_extraction_resumes_where_it_was_interrupted(clevr, tmp_path):
     assert "skipped" in logs[0]
 
 
+@pytest.mark.robustness  # a Ctrl-C injected during extraction
 def test_a_partial_file_of_other_settings_is_refused(clevr, tmp_path):
     files = prepare.clevr_image_files(clevr, "train")
     out = tmp_path / "train_features.h5"
