@@ -178,7 +178,7 @@ def test_agenda_schedule(clevr):
     bound = sum(max(most_on_a_path(r, key) for r in roots) for key in set(keys))
     plan, height = T.make_plan(programs, bank, "agenda"), T.make_plan(programs, bank)
     assert all(len(level.groups) == 1 for level in plan.levels) and plan.calls == max(level_of) + 1
-    assert bound <= plan.calls < 0.6 * height.calls  # the README's batch of 64: 62 calls against 139
+    assert bound <= plan.calls < 0.6 * height.calls  # RESULTS.md's batch of 64 (its agenda, topo and floor)
 
 
 def test_regather_keeps_memory_of_per_example_execution(clevr):
