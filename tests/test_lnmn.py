@@ -1,5 +1,6 @@
-"""Tests for lnmn.py: one-hot nodes, the expression printer, inventories, the two public-code bugs as
-flags, the entropy schedule, gradients, overfitting and the trainer's alpha step (CPU, seconds). The
+"""Tests for lnmn.py: one-hot nodes, the fast node against the paper's, the expression printer,
+inventories, the two public-code bugs as flags, no weight decay, the entropy schedule, gradients,
+overfitting, the trainer's alpha step, and the experiments beyond the paper (CPU, seconds). The
 analysis (`python analyze.py lnmn`) is tested in test_analyze.py."""
 import pytest
 import torch
@@ -53,10 +54,43 @@ def test_node_values_and_gradients_are_the_sum_over_the_six_ops_ties_included():
     want = F.normalize(sum(wi * o for wi, o in zip(w, ops)), dim=-1)
     got = lnmn.node(w, b1, b2)
     assert torch.allclose(got, want, atol=1e-6)
+    assert torch.allclose(lnmn.node_reference(w, x1, x2), want, atol=1e-6)  # the paper's form is that sum
     up = torch.randn(want.shape, generator=g)
     (want * up).sum().backward()
     (got * up).sum().backward()
     assert torch.allclose(b1.grad, a1.grad, atol=1e-5) and torch.allclose(b2.grad, a2.grad, atol=1e-5)
+
+
+@pytest.mark.parametrize("normalize", [True, False])
+@pytest.mark.parametrize("shapes", [((3, 36, 5), (3, 36, 1)),   # O1(conv1(I), a): a map over the channels
+                                    ((3, 36, 1), (3, 36, 1)),   # O1(a1, a2): two maps
+                                    ((3, 36, 5), (3, 1, 5))])   # O(x, W1 c): c over the positions
+def test_node_is_the_papers_node_values_and_gradients(shapes, normalize):
+    """`node` (rearranged for speed) against `node_reference` (Sec. 3.1 as written): values and the
+    gradients of x1, x2 and alpha, with ties where min and max split the gradient."""
+    g = torch.Generator().manual_seed(1)
+    x1, x2 = torch.randn(shapes[0], generator=g), torch.randn(shapes[1], generator=g)
+    if shapes[1][1] == 36:
+        x1[:, :4, :1] = x2[:, :4]                              # ties
+    alpha = torch.randn(6, generator=g)
+    leaves = [[t.clone().requires_grad_() for t in (x1, x2, alpha)] for _ in range(2)]
+    outs = [f(a.softmax(0), u, v, normalize) for f, (u, v, a) in zip((lnmn.node_reference, lnmn.node), leaves)]
+    assert outs[0].shape == outs[1].shape == torch.broadcast_shapes(*shapes)
+    assert torch.allclose(outs[1], outs[0], atol=1e-6)
+    up = torch.randn(outs[0].shape, generator=g)
+    for out in outs:
+        (out * up).sum().backward()
+    for want, got in zip(*leaves):
+        assert torch.allclose(got.grad, want.grad, atol=1e-5)
+
+
+def test_no_weight_decay_on_the_weights():
+    """Sec. 4: no weight decay. Stack-NMN's regularizer is not inherited: the trainer adds 0, and aux_loss
+    is the entropy term alone (0 where lambda_w is 0)."""
+    m = model().train()
+    assert m.regularizer() == 0 and not hasattr(m.cfg, "weight_decay")
+    m.progress = m.cfg.entropy_switch                          # lambda_w = 0
+    assert m(make_batch())["aux_loss"] == 0
 
 
 def test_expression_printer_on_hand_set_alphas():

@@ -1,5 +1,6 @@
-"""Tests for stack_nmn.py: the stack's invariants, the modules, the expert layout, shapes and gradients,
-overfitting a batch, the step protocol under DACT, and the command line (CPU, seconds). The figure
+"""Tests for stack_nmn.py: the stack's invariants, sharpening, the modules, the expert layout, the weight
+decay as a regularizer, shapes and gradients, overfitting a batch, the step protocol under DACT, and the
+command line (CPU, seconds). The figure
 (`python analyze.py stack-figure`) is tested in test_analyze.py."""
 import dataclasses
 
@@ -68,10 +69,22 @@ def test_pointer_stays_a_distribution_and_clamps_at_both_ends():
             assert torch.allclose(q.sum(-1), torch.ones(5)) and (q >= 0).all()
     top, bottom = F.one_hot(torch.tensor([7]), 8).float(), F.one_hot(torch.tensor([0]), 8).float()
     assert torch.equal(sn.push(top), top) and torch.equal(sn.pop(bottom), bottom)
-    for how in ("hard", "soft"):
-        s = sn.sharpen(p, how, 0.2)
-        assert torch.allclose(s.sum(-1), torch.ones(5))
     assert torch.equal(sn.sharpen(p, "hard", 0.2).argmax(-1), p.argmax(-1))
+
+
+def test_sharpening_hard_is_the_argmax_and_soft_approaches_it_as_the_temperature_falls():
+    g = torch.Generator().manual_seed(0)
+    peak = torch.tensor([3, 0, 7, 5, 3])
+    p = 0.5 * torch.rand(5, 8, generator=g)
+    p[torch.arange(5), peak] += 1.0                            # a clear top slot in every row
+    p = p / p.sum(-1, keepdim=True)                            # an averaged pointer: spread over the slots
+    hard = torch.zeros(5, 8)
+    hard[torch.arange(5), peak] = 1.0
+    assert torch.equal(sn.sharpen(p, "hard", 0.2), hard)       # the one-hot of the top slot, whatever temp
+    gaps = [(sn.sharpen(p, "soft", temp) - hard).abs().sum(-1) for temp in (1.0, 0.2, 0.05, 0.01, 1e-3)]
+    for hotter, colder in zip(gaps, gaps[1:]):
+        assert (colder < hotter).all()                         # colder is closer to one-hot, row by row
+    assert gaps[0].min() > 1.0 and gaps[-1].max() < 1e-3       # far from it at temp 1, on it at 1e-3
 
 
 def test_push_then_pop_returns_the_pushed_map():
@@ -139,6 +152,24 @@ def test_shapes_and_finite_gradients(kw):
         assert out["metrics"]["layout_acc"].shape == (6,)
 
 
+def test_weight_decay_is_the_regularizer_and_not_in_aux_loss():
+    """wd / 2 * sum ||W||^2 over the weight matrices of every fc and conv layer (not the embeddings, the LSTM
+    or c_0), returned by regularizer() for the trainer's training loss; forward's aux_loss leaves it out."""
+    b = make_batch()
+    for layout in ("gt", "scratch"):
+        m = model(layout=layout, weight_decay=0.5).train()
+        layers = [x for x in m.modules() if isinstance(x, (torch.nn.Linear, torch.nn.Conv2d))]
+        want = 0.5 / 2 * sum((x.weight ** 2).sum() for x in layers)
+        assert torch.allclose(m.regularizer(), want) and m.regularizer() > 0
+        no_wd = model(layout=layout, weight_decay=0.0).train()  # the same weights (seed 0)
+        m.progress = no_wd.progress = 0.5                      # before the entropy ramp
+        aux = m(b)["aux_loss"]
+        assert torch.equal(torch.as_tensor(aux), torch.as_tensor(no_wd(b)["aux_loss"]))
+        if layout == "scratch":
+            assert aux == 0                                    # nothing but the (still off) entropy term
+    assert model(weight_decay=0.0).regularizer() == 0
+
+
 def test_entropy_term_is_ramped_in_late():
     m = model(weight_decay=0.0).train()
     b = make_batch()
@@ -179,9 +210,17 @@ def test_forward_is_the_step_protocol_and_dact_wraps_it():
         assert out["log_probs"].shape == (6, 8) and torch.isfinite(out["log_probs"]).all()
 
 
-def test_cli_gt_layout_and_dact(tiny_data, tmp_path, capsys):
+def test_cli_gt_layout_and_dact(tiny_data, tmp_path, capsys, monkeypatch):
+    calls, real = [], sn.StackNMN.regularizer
+
+    def spy(self):                                             # when the trainer asks for the weight decay
+        calls.append(self.training)
+        return real(self)
+    monkeypatch.setattr(sn.StackNMN, "regularizer", spy)
     rec = train.main(["stack_nmn", "--layout", "gt", "--data", str(tiny_data), "--out", str(tmp_path / "gt"),
                       "--iters", "2", *TINY_FLAGS])
     assert rec["final_acc"] is not None and "layout_acc" in capsys.readouterr().out
+    assert calls == [True, True]                               # the trainer adds it to its 2 training losses only
+    monkeypatch.undo()
     train.main(["stack_nmn", "dact", "--data", str(tiny_data), "--out", str(tmp_path / "dact"), "--iters", "2",
                 "--max-steps", "3", *TINY_FLAGS])
