@@ -6,18 +6,11 @@ Official code: jsuarez5341/Efficient-Dynamic-Batching. The modules it executes a
 execution engine of J. Johnson et al., "Inferring and Executing Programs for Visual Reasoning",
 ICCV 2017, arXiv:1705.03633 (facebookresearch/clevr-iep).
 
-This file holds, in the paper's order: clevr-iep's modules (`make_bank`), which pg_ee.py's execution
-engine uses too; the per-example executor (`run_naive`: a Python recursion over each program's prefix
-tokens, one module call per node, as clevr-iep runs it: the paper's "Vanilla"); the plan (`make_plan`:
-the schedule of one batch as index tensors, made once before execution so its cost can be measured on
-its own); the topological executor (`run_topo`: all nodes of the batch grouped by (height, module),
-one call per group, rows moved between levels with index_select / split / cat: the paper's "Improved
-Topological Sort"); and, going further, `run_level` (one call per level and architecture, each node
-running its own module's gathered weights). `python bench.py topo` measures the executors side by side.
-
-Memory: a level's input is a gathered copy of its children's outputs. Autograd keeps those outputs
-anyway, so keeping the copy too would cost one tensor per node more than per-example execution;
-`Regather` drops the copies and gathers them again in backward (regather=True, the default).
+In the paper's order: clevr-iep's modules (`make_bank`, pg_ee.py's too); the per-example executor
+(`run_naive`, one call per node: the paper's "Vanilla"); the plan (`make_plan`: index tensors made before
+execution); the topological executor (`run_topo`: one call per (height, module) group: the paper's
+"Improved Topological Sort"; `Regather`: no more memory than per-example execution). Beyond the
+paper, at the end: the `agenda` schedule and `run_level`.
 
     python topo_exec.py                       # tiny smoke run: every executor agrees, call counts
     python bench.py topo [--batch-sizes 1 8 64 ...] [--device cpu|cuda] [--json FILE]   # the benchmark
@@ -33,9 +26,6 @@ the paper's Vanilla O(b s):
     height     level of a node = 0 for a leaf, 1 + max child height otherwise: calls <= d * p   (O(p d))
     postorder  level = the node's post-order index in its program, as the official code ranks nodes
                (FastExecutioner, HighArcESort): levels = longest program, calls grow with length (O(p s))
-    agenda     not in the paper: one module per level, chosen greedily among the nodes whose children
-               have run (the agenda of DyNet's autobatching, Neubig et al. 2017): a node may wait past
-               its height to join a later call of its module, so calls fall below height's
 """
 import collections
 import contextlib
@@ -55,7 +45,6 @@ SCENE = "scene"
 # ------------------------------------------------------------------------------------------------
 # Programs: prefix tokens, read leniently as clevr-iep reads them
 # ------------------------------------------------------------------------------------------------
-
 
 def clean(tokens):
     """Prefix tokens without the specials: a leading <START> is dropped, and everything from the first
@@ -236,59 +225,28 @@ def _index(rows, device):
     return torch.tensor(rows, dtype=torch.long, device=device)
 
 
-def agenda_levels(keys, kids):
-    """The agenda schedule: level of each node, one module per level. Nodes in prefix order (a parent
-    before its children). Each level runs one module on all its ready nodes (children done), chosen:
-    a module whose every remaining node is ready (it will never need another call) first, then the
-    one whose ready nodes are farthest from their root (the longest chain still to run), then the
-    one with most ready nodes. No schedule of one module per call can make fewer calls than the sum,
-    over modules, of the most nodes of it on one root-to-leaf path (those run one after another);
-    RESULTS.md compares the two (its "floor")."""
-    n = len(keys)
-    parent, to_root = [-1] * n, [0] * n
-    for k in range(n):
-        for c in kids[k]:
-            parent[c], to_root[c] = k, to_root[k] + 1
-    waiting = [len(c) for c in kids]  # children not yet run
-    remaining = collections.Counter(keys)  # module -> its nodes not yet run
-    ready = {}  # module -> its nodes whose children have run
-    for k in range(n):
-        if not kids[k]:
-            ready.setdefault(keys[k], []).append(k)
-    level_of = [0] * n
-    for level in itertools.count():
-        if not ready:
-            return level_of
-        key = max(ready, key=lambda m: (len(ready[m]) == remaining[m], max(to_root[k] for k in ready[m]),
-                                        len(ready[m]), m))
-        nodes = ready.pop(key)
-        remaining[key] -= len(nodes)
-        for k in nodes:
-            level_of[k] = level
-            p = parent[k]
-            if p >= 0:
-                waiting[p] -= 1
-                if waiting[p] == 0:
-                    ready.setdefault(keys[p], []).append(p)
-
-
 def make_plan(programs, bank, schedule="height", device="cpu"):
     """Group all nodes of a batch by (level, module) and precompute every index tensor of the run.
 
     programs: B prefix token lists; bank: as in run_naive (its keys and parameter shapes are read);
-    schedule: "height" (the improved sort, levels = max height + 1), "postorder" (the official
-    code's ranks, levels = longest program) or "agenda" (one module per level, see agenda_levels)."""
-    assert schedule in ("height", "postorder", "agenda"), schedule
+    schedule: a key of SCHEDULES: "height" (the improved sort, levels = max height + 1), "postorder"
+    (the official code's ranks, levels = longest program) or "agenda" (beyond the paper, at the end)."""
+    assert schedule in SCHEDULES, schedule
     nodes = batch_nodes(programs, bank, schedule)
     levels, placed, feed_items = lay_out(nodes, bank, device)
     feed, root_gather = connect(levels, nodes, placed, feed_items, len(programs), device)
     return Plan(len(programs), len(nodes["keys"]), schedule, feed, levels, root_gather)
 
 
+# schedule -> level of each node, from (bank keys, children, heights, post-order indices) of the batch
+SCHEDULES = {"height": lambda keys, kids, heights, posts: heights,  # O(p d) calls
+             "postorder": lambda keys, kids, heights, posts: posts}  # O(p s) calls
+
+
 def batch_nodes(programs, bank, schedule):
     """Step 1: the nodes of the whole batch, program after program, each in prefix order (root first):
     their bank keys, children, levels, programs, and whether each is its program's root."""
-    keys, kids, level_of, example, is_root = [], [], [], [], []
+    keys, kids, heights, posts, example, is_root = [], [], [], [], [], []
     key_cache = {}
     for b, tokens in enumerate(programs):
         base = len(keys)
@@ -297,11 +255,10 @@ def batch_nodes(programs, bank, schedule):
                 key_cache[token] = module_key(bank, token)
             keys.append(key_cache[token])
             kids.append([base + c for c in children])
-            level_of.append(height if schedule == "height" else post)  # O(p d) or O(p s) calls
+            heights.append(height), posts.append(post)
             example.append(b)
             is_root.append(len(keys) == base + 1)
-    if schedule == "agenda":
-        level_of = agenda_levels(keys, kids)
+    level_of = SCHEDULES[schedule](keys, kids, heights, posts)
     return {"keys": keys, "kids": kids, "level_of": level_of, "example": example, "is_root": is_root}
 
 
@@ -384,12 +341,10 @@ def connect(levels, nodes, placed, feed_items, batch_size, device):
 class Regather:
     """Saved-tensor hooks that keep, instead of a gathered copy, the recipe to gather it again.
 
-    A level's input X is a copy of rows that autograd keeps anyway (the features, and the outputs
-    of modules that end in a ReLU, as clevr-iep's do; other outputs are held for the recipe instead
-    of X, never more), so saving X for backward would hold one tensor per node more than per-example
-    execution does. While a level runs, `pack` replaces every saved view of a registered tensor (X,
-    run_level's gathered weights) by (recipe, offset, size, stride); backward gathers it again, one
-    level at a time. Modules must not modify their inputs in place (checked)."""
+    A level's input X copies rows autograd keeps anyway (features, ReLU outputs), so saving X would
+    hold one tensor per node more than per-example execution. While a level runs, `pack` replaces each
+    saved view of a registered tensor (X, run_level's gathered weights) by (recipe, offset, size,
+    stride); backward gathers it again, one level at a time. Modules must not modify inputs in place."""
 
     def __init__(self, enabled=True):
         self.enabled, self.recipes, self.cache, self.pending = enabled, {}, {}, {}
@@ -472,16 +427,59 @@ def run_topo(plan, bank, feats, regather=True):
     return _receive(inbox[-1], plan.root_gather)[0]  # (B, C, H, W)
 
 
-# ------------------------------------------------------------------------------------------------
-# Going further: one call per (level, architecture), each node running its own module's weights
-# ------------------------------------------------------------------------------------------------
+# Every executor by name (bench.py, the smoke run): name -> (schedule of its plan, or None; run function)
+EXECUTORS = {
+    "naive": (None, lambda plan, programs, bank, feats: run_naive(programs, bank, feats)),
+    "topo": ("height", lambda plan, programs, bank, feats: run_topo(plan, bank, feats)),
+    "postorder": ("postorder", lambda plan, programs, bank, feats: run_topo(plan, bank, feats)),
+}
 
+
+# ---- beyond the paper ----
+# agenda: one module per level, chosen greedily among ready nodes (DyNet's autobatching agenda, Neubig et al. 2017)
+def agenda_levels(keys, kids):
+    """Level of each node (nodes in prefix order, a parent before its children); a node may wait past
+    its height to join a later call of its module, so calls fall below height's. Each level runs one
+    module on all its ready nodes (children done), chosen: a module whose every remaining node is ready
+    first, then the one whose ready nodes are farthest from their root, then the one with most ready
+    nodes. Calls >= the sum over modules of the most nodes of it on one root-to-leaf path (RESULTS.md's
+    "floor")."""
+    n = len(keys)
+    parent, to_root = [-1] * n, [0] * n
+    for k in range(n):
+        for c in kids[k]:
+            parent[c], to_root[c] = k, to_root[k] + 1
+    waiting = [len(c) for c in kids]  # children not yet run
+    remaining = collections.Counter(keys)  # module -> its nodes not yet run
+    ready = {}  # module -> its nodes whose children have run
+    for k in range(n):
+        if not kids[k]:
+            ready.setdefault(keys[k], []).append(k)
+    level_of = [0] * n
+    for level in itertools.count():
+        if not ready:
+            return level_of
+        key = max(ready, key=lambda m: (len(ready[m]) == remaining[m], max(to_root[k] for k in ready[m]),
+                                        len(ready[m]), m))
+        nodes = ready.pop(key)
+        remaining[key] -= len(nodes)
+        for k in nodes:
+            level_of[k] = level
+            p = parent[k]
+            if p >= 0:
+                waiting[p] -= 1
+                if waiting[p] == 0:
+                    ready.setdefault(keys[p], []).append(p)
+
+
+SCHEDULES["agenda"] = lambda keys, kids, heights, posts: agenda_levels(keys, kids)
+
+
+# run_level: one call per (level, architecture), each node running its own module's gathered weights
 def run_level(plan, bank, feats, regather=True):
-    """As run_topo, but all modules of one architecture at a level run as one batched call: the
-    weights of every module are stacked (p, ...), each node's are gathered (m_c, ...), and torch.func.vmap
-    runs the module once over the nodes (a convolution with per-node weights becomes a grouped one).
-    Calls no longer grow with the number of modules; gathering the weights costs time and, without
-    regather, memory (a copy of the module's weights per node)."""
+    """As run_topo, but all modules of one architecture at a level run as one call: the modules' weights
+    are stacked (p, ...), each node's gathered (m_c, ...), and torch.func.vmap runs the module over the
+    nodes. Gathering weights costs time and, without regather, memory (a weight copy per node)."""
     stacks = {}  # class -> (template module, {parameter name: (its tensor in each module, them stacked (p, ...))})
     for cls, keys in bank_classes(bank).items():
         params = [dict(bank[key].named_parameters()) for key in keys]
@@ -521,14 +519,8 @@ def run_level(plan, bank, feats, regather=True):
     return _receive(inbox[-1], plan.root_gather)[0]  # (B, C, H, W)
 
 
-# Every executor by name: the naive one, the topological one with each schedule, and run_level
-EXECUTORS = {  # name -> (schedule of its plan, or None for no plan; run function)
-    "naive": (None, lambda plan, programs, bank, feats: run_naive(programs, bank, feats)),
-    "topo": ("height", lambda plan, programs, bank, feats: run_topo(plan, bank, feats)),
-    "postorder": ("postorder", lambda plan, programs, bank, feats: run_topo(plan, bank, feats)),
-    "agenda": ("agenda", lambda plan, programs, bank, feats: run_topo(plan, bank, feats)),
-    "level": ("height", lambda plan, programs, bank, feats: run_level(plan, bank, feats)),
-}
+EXECUTORS.update({"agenda": ("agenda", lambda plan, programs, bank, feats: run_topo(plan, bank, feats)),
+                  "level": ("height", lambda plan, programs, bank, feats: run_level(plan, bank, feats))})
 
 
 # ------------------------------------------------------------------------------------------------
