@@ -96,6 +96,9 @@ RUN_FIELDS = {"out", "iters", "device", "threads", "log_every", "amp", "compile"
               "eval_only"}
 
 
+RUN_FILES = ("last.pt", "best.pt", "prev.pt", "metrics.jsonl", "run.json")  # what a run directory holds
+
+
 def fail(msg):
     raise SystemExit(f"error: {msg}")
 
@@ -483,8 +486,10 @@ class Run:
         self.argv, self.model_name, self.wrapper_name, self.explicit = argv, model_name, wrapper_name, explicit
         self.name = model_name + (f"-{wrapper_name}" if wrapper_name else "")
         self.out = Path(cfg.out or f"runs/{self.name}-{datetime.datetime.now():%Y%m%d-%H%M%S}")
-        if not cfg.resume and not cfg.eval_only and (self.out / "last.pt").exists():
-            fail(f"{self.out} already holds a run: add --resume to continue it, or choose another --out")
+        held = [f for f in RUN_FILES if (self.out / f).exists()]
+        if not cfg.resume and not cfg.eval_only and held:  # a new run never overwrites or appends to another
+            fail(f"{self.out} already holds a run ({', '.join(held)}): add --resume to continue it, or choose "
+                 "another --out")
         if cfg.resume and not cfg.eval_only and self.ckpt["wrapper_name"] != wrapper_name:
             fail(f"{self.ckpt_path} is a run of {model_name} with wrapper {self.ckpt['wrapper_name']}, not "
                  f"{wrapper_name}: resume it with the same model and wrapper")

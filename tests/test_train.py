@@ -270,3 +270,8 @@ def test_error_for_a_damaged_or_missing_checkpoint(run_dir, tiny_data, tmp_path)
     assert "no checkpoint at" in error_of(["mac", "--init", str(tmp_path / "absent.pt")])
     assert "no checkpoint at" in error_of(["mac", "--resume", "--out", str(tmp_path / "empty")])
     assert "already holds a run" in error_of(["mac", "--data", str(tiny_data), "--out", str(run_dir)])
+    for leftover in ("best.pt", "metrics.jsonl"):  # a run folder without last.pt is still another run's
+        (tmp_path / leftover).mkdir()
+        (tmp_path / leftover / leftover).write_bytes(b"kept")
+        assert "already holds a run" in error_of(["mac", "--data", str(tiny_data), "--out", str(tmp_path / leftover)])
+        assert (tmp_path / leftover / leftover).read_bytes() == b"kept"
