@@ -56,6 +56,7 @@ class StackNMNConfig:
     entropy_weight: float = 0.1  # official vqa_scratch.yaml SHARPEN_LOSS_WEIGHT: entropy of w(t) (--layout scratch)
     entropy_begin: float = 0.75  # official vqa_scratch.yaml: the ramp 0 -> 1 starts at iteration 150K of 200K
     entropy_end: float = 0.8  # ... and ends at 160K of 200K (fractions of the run)
+    prune_filters: bool = True  # official data_reader.py prune_filter_module (on): a Filter right after a Find or Filter is dropped (--layout gt)
     weight_decay: float = 1e-5  # official WEIGHT_DECAY: + wd * sum ||W||^2 / 2 over weight matrices (regularizer())
 
 
@@ -337,7 +338,9 @@ class StackNMN(nn.Module):
 
     def layouts(self, program):
         """Expert layouts of a batch (B, T), NoOp-padded; -100 for a program longer than T."""
-        rows = [_layout(tuple(self.program_tokens[i] for i in row.tolist() if i > data.UNK)) for row in program.cpu()]
+        prune = self.cfg.prune_filters
+        rows = [_layout(tuple(self.program_tokens[i] for i in row.tolist() if i > data.UNK), prune)
+                for row in program.cpu()]
         T = self.max_steps
         return torch.tensor([r + [NOOP] * (T - len(r)) if len(r) <= T else [-100] * T for r in rows],
                             device=program.device)
@@ -365,9 +368,11 @@ def function_module(fn):
     return FUNCTION_MODULE[fn] if fn in FUNCTION_MODULE else FUNCTION_MODULE[fn.split("_")[0]]
 
 
-def expert_layout(tokens):
+def expert_layout(tokens, prune_filters=True):
     """Prefix program tokens -> module indices in execution (post-)order, as the official code:
-    count / query_* under a comparison are dropped, `unique` is dropped, Scene + Filter -> Find."""
+    count / query_* under a comparison are dropped, `unique` is dropped, Scene + Filter -> Find; then,
+    with prune_filters (the official data reader's default), every Filter that follows a Find or a Filter
+    in that list is dropped: one textual parameter c_t can hold several attributes."""
     def visit(tree):
         fn, kids = data.token_function(tree["token"]), tree["children"]
         if fn.startswith(COMPARES):
@@ -382,12 +387,14 @@ def expert_layout(tokens):
             out[-1] = FIND
         else:
             out.append(m)
+    if prune_filters:  # each Filter is judged by its predecessor before any pruning, as the official loop
+        out = [m for i, m in enumerate(out) if not (m == FILTER and i > 0 and out[i - 1] in (FIND, FILTER))]
     return out
 
 
 @lru_cache(maxsize=1 << 16)
-def _layout(tokens):
-    return expert_layout(tokens)
+def _layout(tokens, prune_filters):
+    return expert_layout(tokens, prune_filters)
 
 
 def layout_loss(logits, gt):

@@ -125,7 +125,7 @@ def test_filter_reuses_find_and_then_ands():
 
 
 def test_expert_layout_follows_the_official_conversion():
-    L = lambda *t: [sn.MODULES[i] for i in sn.expert_layout(t)]
+    L = lambda *t: [sn.MODULES[i] for i in sn.expert_layout(t, prune_filters=False)]
     assert L("count", "filter_color[red]", "scene") == ["Find", "Answer"]
     assert L("count", "scene") == ["Scene", "Answer"]
     assert L("exist", "relate[left]", "unique", "filter_color[red]", "scene") == ["Find", "Transform", "Answer"]
@@ -135,6 +135,46 @@ def test_expert_layout_follows_the_official_conversion():
     assert L("count", "intersect", "filter_color[red]", "scene", "scene") == ["Find", "Scene", "And", "Answer"]
     gt = model(layout="gt").layouts(make_batch()["program"])
     assert gt.shape == (6, 9) and gt[0].tolist() == [sn.FIND, sn.ANSWER] + [sn.NOOP] * 7
+
+
+def filtered(*attrs):
+    """Prefix tokens of filter_<attr>[v] for each attribute, outermost first (as CLEVR writes a noun phrase)."""
+    value = {"size": "large", "color": "red", "material": "metal", "shape": "cube"}
+    return [f"filter_{a}[{value[a]}]" for a in attrs]
+
+
+ALL = ("shape", "material", "color", "size")
+HOP = lambda rel: [*filtered(*ALL), f"relate[{rel}]", "unique"]  # "the <noun> that is <rel> the ..."
+OBJECT = [*filtered(*ALL), "scene"]
+LONG_TEMPLATES = {  # CLEVR's longest kinds, every attribute given (the official generator's worst case)
+    "three_hop": ["query_color", "unique", *HOP("left"), *HOP("behind"), *HOP("front"), *OBJECT],
+    "same_relate": ["count", *filtered(*ALL), "same_size", "unique", *OBJECT],
+    "comparison, two hops": ["greater_than", "count", *HOP("left")[:-1], "unique", *OBJECT,
+                             "count", *HOP("right")[:-1], "unique", *OBJECT],
+    "compare attribute, two hops": ["equal_color", "query_color", "unique", *HOP("left"), *OBJECT,
+                                    "query_color", "unique", *HOP("behind"), *OBJECT],
+}
+
+
+@pytest.mark.parametrize("name", LONG_TEMPLATES)
+def test_pruned_expert_layouts_of_clevrs_long_templates_fit_T(name):
+    tokens = LONG_TEMPLATES[name]
+    assert data.prefix_to_list(tokens)  # a well-formed CLEVR program
+    full, pruned = sn.expert_layout(tokens, prune_filters=False), sn.expert_layout(tokens)
+    assert len(pruned) <= sn.StackNMNConfig().max_steps < len(full)  # only the pruned layout fits T = 9
+    assert sn.FILTER in full and all(not (a in (sn.FIND, sn.FILTER) and b == sn.FILTER)
+                                     for a, b in zip(pruned, pruned[1:]))
+    kept = [m for m in full if m != sn.FILTER]  # only Filters go; every other module stays, in order
+    assert [m for m in pruned if m != sn.FILTER] == kept
+
+
+def test_pruning_judges_each_filter_by_its_unpruned_predecessor():
+    # Find, Filter, Filter: the official loop runs backwards over the unpruned list, so both Filters go
+    tokens = ("count", *filtered("shape", "material", "color"), "scene")
+    assert sn.expert_layout(tokens, prune_filters=False) == [sn.FIND, sn.FILTER, sn.FILTER, sn.ANSWER]
+    assert sn.expert_layout(tokens) == [sn.FIND, sn.ANSWER]
+    after_transform = ("count", *filtered("shape", "color"), "relate[left]", "unique", *filtered("color"), "scene")
+    assert sn.expert_layout(after_transform) == [sn.FIND, sn.TRANSFORM, sn.FILTER, sn.ANSWER]
 
 
 @pytest.mark.parametrize("kw", [dict(layout="gt"), dict(layout="scratch", sharpen="soft")])
