@@ -17,6 +17,7 @@ Shapes:
 """
 import math
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn as nn
@@ -33,8 +34,11 @@ class MACConfig:
     question_dropout: float = 0.08         # official code: qDropout keep 0.92
     memory_dropout: float = 0.15           # official code: memoryDropout keep 0.85 (variational)
     output_dropout: float = 0.15           # official code: outputDropout keep 0.85
+    read_dropout: float = 0.15             # official code: readDropout keep 0.85; placed as DACT-MAC (see ReadUnit)
+    official_init: bool = True             # both official codes: Xavier-uniform stem convs, zero biases; DACT-MAC: Xavier word embeddings
     self_attention: bool = False           # Sec. 3.2.3: write-unit self-attention, Eq. (8); off for CLEVR
     memory_gate: bool = False              # Sec. 3.2.3: write-unit memory gate, Eq. (9); off for CLEVR
+    gate: Literal["dact", "tf"] = "dact"   # dact: Eq. (9), one gate on the old memory, +1 (DACT-MAC); tf: per dimension on the new memory, +1
     pixel_channels: tuple = (32, 64, 128)  # NOTE (deviation): pixel stem, see PixelStem
     coord_conv: bool = True                # NOTE (deviation): CoordConv, see PixelStem
     object_boxes: bool = False             # NOTE (deviation): GQA: append each object's box to its features
@@ -44,7 +48,8 @@ class MACConfig:
 # in RESULTS.md). Keys that are not MACConfig fields set the trainer.
 PRESETS = {
     "laptop": dict(dim=64, embed_dim=64, pixel_channels=(32, 64, 64),
-                   stem_dropout=0.0, question_dropout=0.0, memory_dropout=0.0, output_dropout=0.0,
+                   stem_dropout=0.0, question_dropout=0.0, memory_dropout=0.0, output_dropout=0.0, read_dropout=0.0,
+                   official_init=False,  # the preset's measured runs used PyTorch's init for the stem and embeddings
                    lr=2e-3, batch_size=128, epochs=9, lr_patience=2, threads=2),
     # GQA, as the DACT code trains MAC on it (config/gqa_defaults.py; DACT paper Sec. 5): 4 steps,
     # 5 epochs; train.py picks it when the data's info.json says GQA
@@ -184,8 +189,9 @@ class ControlUnit(nn.Module):
 class ReadUnit(nn.Module):
     """Retrieves r_i from the knowledge base, guided by the memory m_{i-1} and the control c_i."""
 
-    def __init__(self, dim):
+    def __init__(self, dim, dropout):
         super().__init__()
+        self.drop = nn.Dropout(dropout)
         self.mem_proj = nn.Linear(dim, dim)                              # W_m, Eq. (4)
         self.kb_proj = nn.Linear(dim, dim)                               # W_k, Eq. (4), applied in precompute
         self.concat = nn.Linear(2 * dim, dim)                            # W, Eq. (5)
@@ -200,6 +206,11 @@ class ReadUnit(nn.Module):
         return k_proj, F.linear(k_proj, self.concat.weight[:, D:], self.concat.bias)  # (B, K, D)
 
     def forward(self, m_prev, k, k_proj, k_half, c_i, k_mask=None):
+        if self.training and self.drop.p > 0:
+            # official code (DACT-MAC): a new dropout mask on k at every step, so W_k k is computed again
+            # here; at evaluation dropout is the identity and the precomputed k_proj, k_half are exact
+            k = self.drop(k)                                             # (B, K, D)
+            k_proj, k_half = self.precompute(k)
         I = self.mem_proj(m_prev)[:, None] * k_proj                      # (B, K, D) Eq. (4)
         # official code: concatenates the projected k (the paper writes the raw k_{h,w}). Computed as
         # W's I-half on I plus k_half (W's other half on W_k k, plus b: precomputed once per image);
@@ -207,7 +218,7 @@ class ReadUnit(nn.Module):
         # Eq. (5): I' = W [I; W_k k] + b
         I = F.linear(I, self.concat.weight[:, :I.size(-1)]) + k_half     # (B, K, D) Eq. (5)
         I = self.concat2(F.elu(I))                                       # (B, K, D) official code
-        ra = self.attn(F.elu(I * c_i[:, None])).squeeze(-1)              # (B, K) Eq. (6a) with the code's ELU
+        ra = self.attn(self.drop(F.elu(I * c_i[:, None]))).squeeze(-1)   # (B, K) Eq. (6a), the code's ELU and dropout
         if k_mask is not None:                                           # GQA: padded objects get no weight
             ra = ra.masked_fill(~k_mask, float("-inf"))
         rv = ra.softmax(dim=-1)                                          # (B, K) Eq. (6b)
@@ -220,7 +231,7 @@ class ReadUnit(nn.Module):
 class WriteUnit(nn.Module):
     """Integrates r_i into the memory; optional self-attention and memory gate."""
 
-    def __init__(self, dim, self_attention, memory_gate):
+    def __init__(self, dim, self_attention, memory_gate, gate="dact"):
         super().__init__()
         self.info = nn.Linear(2 * dim, dim)
         self.self_attention, self.memory_gate = self_attention, memory_gate
@@ -229,8 +240,10 @@ class WriteUnit(nn.Module):
             self.sa_proj = nn.Linear(dim, dim, bias=False)
             self.info_proj = nn.Linear(dim, dim)
         if memory_gate:
-            # paper: one scalar gate W^{1xd}; the TF original gates every dimension
-            self.gate = nn.Linear(dim, 1)
+            # paper and DACT-MAC: one scalar gate W^{1xd} c_i on the old memory; TF: one per dimension, on
+            # the new memory. Both add +1 inside the sigmoid (73% of the weighted memory at the start).
+            self.gate_on_old = gate == "dact"
+            self.gate = nn.Linear(dim, 1 if self.gate_on_old else dim)
 
     def forward(self, r_i, m_prev, c_i, controls=None, memories=None):
         m = self.info(torch.cat([r_i, m_prev], dim=-1))                  # (B, D) Eq. (7)
@@ -239,8 +252,8 @@ class WriteUnit(nn.Module):
             m_sa = (sa[..., None] * memories).sum(1)                     # (B, D) Eq. (8b)
             m = self.sa_proj(m_sa) + self.info_proj(m)                   # (B, D) Eq. (8c)
         if self.memory_gate:
-            z = torch.sigmoid(self.gate(c_i))                            # (B, 1) Eq. (9a)
-            m = z * m_prev + (1 - z) * m                                 # (B, D) Eq. (9b)
+            z = torch.sigmoid(self.gate(c_i) + 1)                        # (B, 1), tf (B, D) Eq. (9a)
+            m = z * m_prev + (1 - z) * m if self.gate_on_old else z * m + (1 - z) * m_prev  # (B, D) Eq. (9b)
         return m
 
 
@@ -278,8 +291,8 @@ class MAC(nn.Module):
         D = cfg.dim
         self.input = InputUnit(cfg, info)
         self.control = ControlUnit(D, cfg.max_steps)
-        self.read = ReadUnit(D)
-        self.write = WriteUnit(D, cfg.self_attention, cfg.memory_gate)
+        self.read = ReadUnit(D, cfg.read_dropout)
+        self.write = WriteUnit(D, cfg.self_attention, cfg.memory_gate, cfg.gate)
         self.output = OutputUnit(D, info["num_answers"], cfg.output_dropout)
         self.m_0 = nn.Parameter(torch.zeros(D))                         # learned initial memory
         for mod in self.modules():                                       # official code: Xavier, zero bias
@@ -287,6 +300,14 @@ class MAC(nn.Module):
                 nn.init.xavier_uniform_(mod.weight)
                 if mod.bias is not None:
                     nn.init.zeros_(mod.bias)
+        if cfg.official_init:  # both official codes: the stem convs Xavier too; DACT-MAC: the word embeddings
+            convs = [m for m in self.input.stem.modules() if isinstance(m, nn.Conv2d)]
+            for conv in convs if isinstance(self.input.stem, FeatureStem) else []:  # not the pixel stem (ours)
+                nn.init.xavier_uniform_(conv.weight)
+                nn.init.zeros_(conv.bias)
+            with torch.no_grad():
+                nn.init.xavier_uniform_(self.input.embed.weight)
+                self.input.embed.weight[0] = 0                          # <NULL>, the padding_idx row
 
     def encode(self, batch):
         k, cw, q = self.input(batch["image"], batch["question"], batch["question_len"], batch.get("boxes"))

@@ -61,7 +61,7 @@ def toy_act(scale=4.0, bias=-1.0, one_hot=True, **kw):
 
 
 def tiny_mac(**kw):
-    cfg = mac.Config(**{**dict(dim=16, embed_dim=8, max_steps=6, pixel_channels=(8, 8)), **kw})
+    cfg = mac.Config(**{**dict(dim=16, embed_dim=8, max_steps=6, pixel_channels=(8, 8), read_dropout=0.0), **kw})
     return mac.Model(cfg, dict(num_words=30, num_answers=8, image_kind="pixels", image_shape=(3, 32, 32)))
 
 

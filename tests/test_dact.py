@@ -70,7 +70,7 @@ def spread_halting(model, scale, bias=0.0):
 
 
 def tiny_mac(max_steps=6, **kw):
-    cfg = mac.Config(**{**dict(dim=16, embed_dim=8, max_steps=max_steps, pixel_channels=(8, 8)), **kw})
+    cfg = mac.Config(**{**dict(dim=16, embed_dim=8, max_steps=max_steps, pixel_channels=(8, 8), read_dropout=0.0), **kw})
     info = dict(num_words=30, num_answers=8, image_kind="pixels", image_shape=(3, 32, 32))
     return mac.Model(cfg, info)
 

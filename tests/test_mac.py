@@ -76,6 +76,7 @@ def test_the_default_config_builds_the_papers_clevr_model():
             model.step(ctx, states[-1], 12)
         assert set(states[-1]) == {"control", "memory", "control_attn", "read_attn"}  # no history kept
         assert not hasattr(model.write, "gate") and not hasattr(model.write, "sa_attn")
+        assert model.read.drop.p == 0.15                                  # the official codes' read dropout
         mask = model.train().encode(batch)["memory_mask"]                   # (2, 512)
     assert torch.allclose(mask.unique(), torch.tensor([0.0, 1 / 0.85]))
 
@@ -160,7 +161,7 @@ def test_forward_is_the_protocol_loop(train):
 def test_indexing_rows_commutes_with_step(train):
     """What DACT compaction relies on: step(ctx[idx], state[idx]) == step(ctx, state)[idx]."""
     torch.manual_seed(0)
-    model = make_model(self_attention=True, memory_gate=True, memory_dropout=0.5).train(train)
+    model = make_model(self_attention=True, memory_gate=True, memory_dropout=0.5, read_dropout=0.0).train(train)
     batch = make_batch(B=4, lens=[10, 6, 3, 8])
     with torch.no_grad():
         ctx = model.encode(batch)
@@ -183,7 +184,7 @@ def test_indexing_rows_commutes_with_step(train):
 def test_overfits_one_small_batch():
     torch.manual_seed(0)
     model = make_model(dim=32, stem_dropout=0.0, question_dropout=0.0, memory_dropout=0.0,
-                       output_dropout=0.0).train()
+                       output_dropout=0.0, read_dropout=0.0).train()
     batch = make_batch(B=16, L=8, seed=1)
     batch["image"] = batch["image"][:, :, :16, :16].contiguous()   # smaller images: faster
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
@@ -203,7 +204,7 @@ def test_read_unit_fast_eq5_equals_the_literal_concatenation():
     """Eq. (5), I' = W [I; W_k k] + b: the read unit splits W and precomputes its W_k k half once per
     image; values and gradients must equal those of the literal self.concat(torch.cat([I, k_proj], -1))."""
     torch.manual_seed(0)
-    read = make_model().read
+    read = make_model(read_dropout=0.0).read                              # no dropout: a deterministic unit
     B, K, D = 3, 5, 16
     inputs = [torch.randn(B, D), torch.randn(B, K, D), torch.randn(B, D)]  # m_prev, k, c_i
     k_mask = torch.tensor([[True] * K, [True, True, False, False, False], [True] * 4 + [False]])
@@ -233,3 +234,67 @@ def test_read_unit_fast_eq5_equals_the_literal_concatenation():
     names = ["m_prev", "k", "c_i"] + [n for n, _ in read.named_parameters()]
     for name, a, b in zip(names, g_a, g_b):
         assert torch.allclose(a, b, atol=1e-5, rtol=1e-5), name
+
+
+def test_read_dropout_is_redrawn_every_step_and_off_at_evaluation():
+    """DACT-MAC's placement: a new mask on the knowledge base at every step (so W_k k is computed again)
+    and one before the attention layer; at evaluation the once-per-question precompute is exact."""
+    torch.manual_seed(0)
+    quiet = dict(stem_dropout=0.0, question_dropout=0.0, memory_dropout=0.0, output_dropout=0.0)
+    model, plain = make_model("features", read_dropout=0.5, **quiet), make_model("features", read_dropout=0.0, **quiet)
+    plain.load_state_dict(model.state_dict())
+    batch = make_batch(B=2, kind="features")
+    calls = []
+    original = mac.ReadUnit.precompute
+    def counting(self, k):
+        calls.append(k)
+        return original(self, k)
+    mac.ReadUnit.precompute = counting
+    try:
+        with torch.no_grad():
+            evaluated = model.eval()(batch)["log_probs"]
+            assert len(calls) == 1                               # evaluation: once per question
+            assert torch.equal(evaluated, plain.eval()(batch)["log_probs"])
+            calls.clear()
+            ctx, states, _ = run_protocol(model.train(), batch)
+    finally:
+        mac.ReadUnit.precompute = original
+    assert len(calls) == 1 + model.max_steps                   # training: again at every step
+    dropped = [(k == 0).float().mean().item() for k in calls[1:]]
+    assert all(0.3 < d < 0.7 for d in dropped)                 # about half of k zeroed, p = 0.5
+    assert not torch.equal(calls[1], calls[2])                 # a new mask at every step
+    with torch.no_grad():
+        torch.manual_seed(3)
+        a = model(batch)["log_probs"]
+        torch.manual_seed(4)
+        b = model(batch)["log_probs"]
+        c = plain.train()(batch)["log_probs"]
+        d = plain(batch)["log_probs"]
+    assert not torch.allclose(a, b) and torch.equal(c, d)     # only the read dropout draws here
+
+
+def test_official_init_of_the_stem_convs_and_the_word_embeddings():
+    torch.manual_seed(0)
+    model, legacy = make_model("features"), make_model("features", official_init=False)
+    conv = model.input.stem.net[1]                                  # 1024 -> 16, 3x3
+    bound = (6 / (conv.in_channels * 9 + conv.out_channels * 9)) ** 0.5  # Xavier-uniform
+    assert conv.weight.abs().max() <= bound and conv.weight.abs().max() > 0.9 * bound
+    assert (conv.bias == 0).all() and (legacy.input.stem.net[1].bias != 0).any()  # PyTorch's default bias
+    emb = model.input.embed.weight
+    bound = (6 / (NUM_WORDS + emb.size(1))) ** 0.5
+    assert emb.abs().max() <= bound and (emb[0] == 0).all()     # <NULL> stays the zero padding row
+    assert legacy.input.embed.weight.abs().max() > bound        # N(0, 1)
+
+
+@pytest.mark.parametrize("gate,kept", [("dact", "old"), ("tf", "new")])
+def test_memory_gate_starts_at_73_percent_of_the_gated_memory(gate, kept):
+    """Eq. (9) with the +1 of both official codes: sigmoid(1) = 0.731 at the start (gate weights 0)."""
+    torch.manual_seed(0)
+    write = make_model(memory_gate=True, gate=gate).write
+    torch.nn.init.zeros_(write.gate.weight)
+    assert write.gate.out_features == (1 if gate == "dact" else 16)  # the paper's scalar, TF's per dimension
+    r, m_prev, c = torch.randn(3, 4, 16).unbind(0)
+    m_new = write.info(torch.cat([r, m_prev], -1))
+    z = torch.sigmoid(torch.tensor(1.0))
+    gated, other = (m_prev, m_new) if kept == "old" else (m_new, m_prev)
+    assert torch.allclose(write(r, m_prev, c), z * gated + (1 - z) * other, atol=1e-6)

@@ -21,7 +21,8 @@ pytestmark = pytest.mark.robustness  # faults, kills and torchrun: `pytest -m "n
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--dim", "16", "--embed-dim", "8", "--max-steps", "2", "--pixel-channels", "8", "8",
         "--batch-size", "16", "--log-every", "5", "--threads", "1"]
-NO_DROPOUT = ["--stem-dropout", "0", "--question-dropout", "0", "--memory-dropout", "0", "--output-dropout", "0"]
+NO_DROPOUT = ["--stem-dropout", "0", "--question-dropout", "0", "--memory-dropout", "0", "--output-dropout", "0",
+              "--read-dropout", "0"]
 
 
 def train_mac(tiny_data, out, *flags):
