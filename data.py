@@ -29,6 +29,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -56,6 +57,13 @@ NULL, START, END, UNK = 0, 1, 2, 3
 
 class DataError(Exception):
     """A problem with the user's data; the message says what is wrong and what to do."""
+
+
+def first_line(e, limit=200):
+    """An exception in one line of an error message: its type and the first non-empty line of its text
+    (torch and h5py write several lines; an EOFError from an empty file writes none)."""
+    lines = [s.strip() for s in str(e).splitlines() if s.strip()]
+    return f"{type(e).__name__}: {lines[0][:limit]}" if lines else type(e).__name__
 
 
 def question_kind(root_function):
@@ -621,6 +629,19 @@ def tensor_digest(obj):
     return h.hexdigest()
 
 
+def _weights_only_refusal(e):
+    """torch's own reason for a refused weights_only load (e.g. `Unsupported global: GLOBAL
+    argparse.Namespace was not an allowed global by default.`), without the advice around it on
+    loading with weights_only=False; None for any other error."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(e))  # torch sets part of its advice in bold
+    if not text.startswith("Weights only load failed"):
+        return None
+    advice = ("Weights only load failed", "(1)", "(2)", "Please file an issue", "Check the documentation")
+    lines = [s.strip() for s in text.splitlines() if s.strip() and not s.strip().startswith(advice)]
+    reason = lines[-1].removeprefix("WeightsUnpickler error:").strip() if lines else ""
+    return reason.split(" Please use ")[0][:300] or None
+
+
 def read_checkpoint(path, models=(), hint=""):
     """The checkpoint train.py wrote at `path` (a run directory stands for its best.pt), or a DataError
     that says what is wrong: no such file, a damaged file, not train.py's, or a model not in `models`.
@@ -634,9 +655,16 @@ def read_checkpoint(path, models=(), hint=""):
         raise DataError(f"no checkpoint at {path}: pass a run directory of train.py or its best.pt / last.pt")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # a truncated file, not a torch file, ...
-        raise DataError(f"cannot read checkpoint {path} ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
-                        f"the file is damaged or not a checkpoint{hint}") from None
+    except Exception as e:  # a truncated file, not a torch file, pickled Python objects, ...
+        refused = _weights_only_refusal(e)
+        if refused and "GLOBAL" in refused:  # a class or a callable: never run, torch stops at its name
+            raise DataError(f"cannot read checkpoint {path}: it holds Python objects that weights_only loading "
+                            f"refuses ({refused}); nothing in it was run. train.py's checkpoints hold tensors, "
+                            f"numbers and strings only: pass a checkpoint that train.py wrote{hint}") from None
+        why = f"{type(e).__name__}: {refused}" if refused else first_line(e)
+        empty = ", an empty file (0 bytes)" if path.stat().st_size == 0 else ""
+        raise DataError(f"cannot read checkpoint {path} ({why}{empty}); the file is damaged or not a checkpoint"
+                        f"{hint}") from None
     if isinstance(ckpt, dict) and "digest" in ckpt and ckpt.pop("digest") != tensor_digest(ckpt):
         raise DataError(f"checkpoint {path} is damaged: its tensors do not match the checksum written with them "
                         f"(a disk or copy error){hint}")

@@ -2,7 +2,9 @@
 missing images, h5 files of the wrong shape or dtype, a vocabulary from elsewhere. Each must give one DataError
 (one `error: ...` line from train.py) that names the file; fuzzed JSON and programs give nothing else.
 """
+import argparse
 import json
+import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -12,6 +14,7 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+import torch
 
 import data
 import prepare
@@ -232,3 +235,59 @@ def test_fuzz_questions_json_through_prepare(raw):
         with pytest.raises(data.DataError) as e:  # valid questions end at the missing feature file
             prepare.prepare_clevr(root, root / "out", images="features", features_dir=root / "none", **QUIET)
         assert "CLEVR_train_questions.json" in str(e.value) or "none/train_features.h5: no such feature file" in str(e.value)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Checkpoints that torch.load(weights_only=True) refuses or cannot read
+
+class Touch:
+    """Unpickling this would create a file: a callable in a checkpoint."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (Path.touch, (self.path,))
+
+
+class Call:
+    """Unpickling this calls `fn()`."""
+
+    def __init__(self, fn):
+        self.fn = fn
+
+    def __reduce__(self):
+        return (self.fn, ())
+
+
+@pytest.mark.parametrize("payload, blocked", [
+    (lambda tmp: argparse.Namespace(lr=1e-4), "GLOBAL argparse.Namespace"),  # an object of a class
+    (lambda tmp: Touch(tmp / "ran"), "GLOBAL getattr"),  # a callable, Path.touch, reached through getattr
+    (lambda tmp: Call(os.getcwd), "GLOBAL posix.getcwd whose module posix is blocked"),
+])
+def test_a_checkpoint_of_python_objects_is_refused_by_name_not_called_damaged(tmp_path, payload, blocked):
+    torch.save({"config": payload(tmp_path)}, tmp_path / "objects.pt")
+    with pytest.raises(data.DataError) as e:
+        data.read_checkpoint(tmp_path / "objects.pt")
+    msg = str(e.value)
+    assert msg.startswith(f"cannot read checkpoint {tmp_path / 'objects.pt'}: it holds Python objects that "
+                          "weights_only loading refuses (") and "nothing in it was run" in msg
+    assert blocked in msg and "damaged" not in msg and "\n" not in msg and "weights_only=False" not in msg
+    assert not (tmp_path / "ran").exists()
+
+
+@pytest.mark.parametrize("content, reason", [
+    (b"", "(EOFError, an empty file (0 bytes)); the file is damaged or not a checkpoint"),
+    (bytes(range(256)), "(UnpicklingError: Unsupported operand"),  # torch's reason, not its advice
+], ids=["empty", "garbage"])
+def test_an_empty_or_garbage_checkpoint_is_reported_as_damaged(tmp_path, content, reason):
+    (tmp_path / "bad.pt").write_bytes(content)
+    with pytest.raises(data.DataError) as e:
+        data.read_checkpoint(tmp_path / "bad.pt", hint=". Restore the previous one")
+    assert str(e.value).startswith(f"cannot read checkpoint {tmp_path / 'bad.pt'} ") and reason in str(e.value)
+    assert str(e.value).endswith("not a checkpoint. Restore the previous one")
+
+
+def test_first_line_of_an_exception():
+    assert data.first_line(EOFError()) == "EOFError"
+    assert data.first_line(OSError("\n  unable to open\nmore")) == "OSError: unable to open"
