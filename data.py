@@ -26,11 +26,13 @@ kind (B,) index into QUESTION_KINDS (-1 unknown), image_index (B,). With object 
 is (B, O, F), plus boxes (B, O, 4) and num_objects (B,).
 """
 import dataclasses
+import glob
 import hashlib
 import json
 import os
 import re
 import shutil
+import socket
 import sys
 from pathlib import Path
 
@@ -578,21 +580,60 @@ def builtin_dir(tiny=False):
     return root / f"{'tiny' if tiny else 'default'}-v{GENERATOR_VERSION}"
 
 
+def _running(pid):
+    """Whether process `pid` runs on this machine (where that cannot be asked, assume it does)."""
+    if os.name != "posix":
+        return True
+    try:
+        os.kill(pid, 0)  # signal 0: nothing is sent, only checked
+    except ProcessLookupError:
+        return False
+    except OSError:  # EPERM: it runs, as another user
+        return True
+    return True
+
+
+def remove_stale(final):
+    """Delete the temporary folders beside `final` (`final`.tmp-HOST-PID, or the older `final`.tmp-PID)
+    that a killed process left: those of this host whose PID no longer runs. A folder of a process that
+    runs, here or on another host sharing the disk, is kept."""
+    final, host = Path(final), socket.gethostname()
+    for old in final.parent.glob(glob.escape(final.name) + ".tmp-*"):
+        owner, _, pid = old.name[len(final.name) + len(".tmp-"):].rpartition("-")
+        if pid.isdigit() and owner in ("", host) and not _running(int(pid)):
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def staging_dir(final):
+    """The name of a temporary folder beside `final`, to fill and then rename to `final`: `final`.tmp-HOST-PID,
+    not there yet. Stale ones (remove_stale) are deleted first."""
+    final = Path(final)
+    remove_stale(final)
+    tmp = final.with_name(f"{final.name}.tmp-{socket.gethostname()}-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    return tmp
+
+
 def ensure_builtin(tiny=False, log=print):
     """The prepared built-in mini-CLEVR, generated on first use into a cache folder
     ($MINI_CLEVR_CACHE or ~/.cache/mini-clevr) and reused. Generated in a temporary folder
-    and renamed when complete, so an interrupted generation never leaves half a dataset."""
+    and renamed when complete, so an interrupted generation never leaves half a dataset (and the
+    temporary folder of a killed one is deleted on the next use)."""
     final = builtin_dir(tiny)
+    remove_stale(final)
     if (final / "prepared" / "info.json").exists():
         return final / "prepared"
     import mini_clevr  # the generator and prepare.py are imported on first use only: data.py, and every
     import prepare  # model that imports it, loads without them
     log(f"generating the built-in mini-CLEVR{' (tiny)' if tiny else ''} into {final} (first use only)")
-    tmp = final.with_name(f"{final.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    mini_clevr.generate(tmp, tiny=tiny, log=log)
-    size = mini_clevr.BUILTIN["tiny" if tiny else "default"]["image_size"]
-    prepare.prepare_clevr(tmp, tmp / "prepared", images="scene-cnn", size=size, log=log)
+    tmp = staging_dir(final)
+    try:
+        mini_clevr.generate(tmp, tiny=tiny, log=log)
+        size = mini_clevr.BUILTIN["tiny" if tiny else "default"]["image_size"]
+        prepare.prepare_clevr(tmp, tmp / "prepared", images="scene-cnn", size=size, log=log)
+    except BaseException:  # an error or Ctrl-C: nothing half-made stays in the cache
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     info = tmp / "prepared" / "info.json"
     info.write_text(info.read_text().replace(str(tmp.resolve()), str(final.resolve())))
     try:

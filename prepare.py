@@ -17,6 +17,7 @@ and Executing Programs for Visual Reasoning", ICCV 2017; GQA's files are read as
 (ceyzaguirre4/DACT-MAC preprocess_GQA.py).
 """
 import argparse
+import contextlib
 import hashlib
 import json
 import os
@@ -34,7 +35,52 @@ import torch
 
 import mini_clevr
 from data import (ATTR_ORDER, ATTRIBUTES, END, SPECIALS, START, UNK, DataError, check_features, check_questions,
-                  ensure_builtin, list_to_prefix, load_json, load_vocab, node_token, resolve, tokenize)
+                  ensure_builtin, list_to_prefix, load_json, load_vocab, node_token, resolve, staging_dir, tokenize)
+
+# ------------------------------------------------------------------------------------------------
+# A prepared directory is written whole: into a temporary folder, moved into place when complete
+# ------------------------------------------------------------------------------------------------
+
+@contextlib.contextmanager
+def staged(out, log=print):
+    """Yields a temporary folder beside `out` (data.staging_dir) to write a prepared directory into, and
+    moves its files to `out` once the block completes: an existing prepared `out` is replaced by a complete
+    new one, or, if the block fails, left as it was. Never a mix of the two (the old info.json goes first,
+    the new one comes last). Other files in `out` stay (feature files that info.json names, say), except
+    those that the old info.json named as its own and the new one does not write."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise DataError(f"--out {out} is a file, not a folder: pass a folder for the prepared data")
+    tmp = staging_dir(out.resolve())
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+    except BaseException:  # an error or Ctrl-C: `out` as it was, nothing left beside it
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if not out.exists():
+        os.replace(tmp, out)
+        return
+    new = sorted((p.name for p in tmp.iterdir()), key=lambda name: name == "info.json")  # info.json last
+    old = _own_files(out)
+    (out / "info.json").unlink(missing_ok=True)  # from here until the new info.json, `out` is not loadable
+    for name in old - set(new):
+        (out / name).unlink(missing_ok=True)
+    for name in new:
+        os.replace(tmp / name, out / name)
+    tmp.rmdir()
+    log(f"  {out}: the prepared data that was there is replaced")
+
+
+def _own_files(out):
+    """The files of a prepared directory `out` that its info.json names as written there by this module."""
+    try:
+        info = json.loads((out / "info.json").read_text())
+        images = {f for f in info["images"].values() if Path(f).name == f}
+        return {"vocab.json", "info.json", "humans_stats.json", *images, *(f"{s}_questions.h5" for s in info["images"])}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):  # no or a broken info.json: nothing
+        return set()
+
 
 # ------------------------------------------------------------------------------------------------
 # Questions, compatible with clevr-iep: vocab.json and questions h5
@@ -156,34 +202,34 @@ def prepare_clevr(clevr_dir, out, images="pixels", size=64, vocab=None, features
         if not isinstance(doc, dict) or not isinstance(doc.get("questions"), list):
             raise DataError(f"{path}: expected a JSON object with a 'questions' list")
         questions_of[s] = check_questions(doc["questions"], path)
-    out.mkdir(parents=True, exist_ok=True)
     if vocab is None:
         if "train" not in questions_of:
             raise DataError("no train split to build the vocabulary from; pass --vocab VOCAB_JSON")
         vocab = build_vocab(questions_of["train"])
     elif not isinstance(vocab, dict):
         vocab = load_vocab(vocab)
-    (out / "vocab.json").write_text(json.dumps(vocab, indent=1))
-    info = {"image_kind": images, "images": {}, "source": str(clevr_dir.resolve())}
-    for s, questions in questions_of.items():
-        try:
-            unk = encode_questions(questions, vocab, out / f"{s}_questions.h5")
-        except DataError as e:  # a token missing from a --vocab: name the questions file
-            raise DataError(f"{clevr_dir / 'questions' / f'CLEVR_{s}_questions.json'}: {e}") from None
-        num_images = max(q["image_index"] for q in questions) + 1
-        log(f"  {s}: {len(questions)} questions on {num_images} images, {100 * unk:.2f}% <UNK> words")
-        if images in ("pixels", "scene-cnn"):
-            prepare_pixels(clevr_dir, s, num_images, size, out / f"{s}_images.h5", log)
-            info["images"][s] = f"{s}_images.h5"
-        elif images == "features":
-            path = Path(features_dir or clevr_dir) / f"{s}_features.h5"
-            check_features(path, num_images)
-            info["images"][s] = str(path.resolve())
-        else:
-            raise DataError(f"--images must be pixels, features or scene-cnn, not {images!r}")
-    if images == "scene-cnn":
-        info.update(scene_cnn_features(clevr_dir, out, size, log=log))
-    (out / "info.json").write_text(json.dumps(info, indent=1))
+    with staged(out, log) as tmp:
+        (tmp / "vocab.json").write_text(json.dumps(vocab, indent=1))
+        info = {"image_kind": images, "images": {}, "source": str(clevr_dir.resolve())}
+        for s, questions in questions_of.items():
+            try:
+                unk = encode_questions(questions, vocab, tmp / f"{s}_questions.h5")
+            except DataError as e:  # a token missing from a --vocab: name the questions file
+                raise DataError(f"{clevr_dir / 'questions' / f'CLEVR_{s}_questions.json'}: {e}") from None
+            num_images = max(q["image_index"] for q in questions) + 1
+            log(f"  {s}: {len(questions)} questions on {num_images} images, {100 * unk:.2f}% <UNK> words")
+            if images in ("pixels", "scene-cnn"):
+                prepare_pixels(clevr_dir, s, num_images, size, tmp / f"{s}_images.h5", log)
+                info["images"][s] = f"{s}_images.h5"
+            elif images == "features":
+                path = Path(features_dir or clevr_dir) / f"{s}_features.h5"
+                check_features(path, num_images)
+                info["images"][s] = str(path.resolve())
+            else:
+                raise DataError(f"--images must be pixels, features or scene-cnn, not {images!r}")
+        if images == "scene-cnn":
+            info.update(scene_cnn_features(clevr_dir, tmp, size, log=log))
+        (tmp / "info.json").write_text(json.dumps(info, indent=1))
     log(f"prepared {', '.join(questions_of)} -> {out}")
     return out
 
@@ -457,6 +503,28 @@ def extract_clevr_features(clevr_dir, out_dir, backbone=None, splits=None, clevr
 
 # -- CLEVR-Humans: human-written questions on CLEVR's images, no programs ---------------------------
 
+def _read_humans(path, split):
+    """The questions of one CLEVR-Humans file, as encode_questions takes them, and the CLEVR split whose
+    images they ask about (their image_filename: CLEVR_{split}_{index}.png)."""
+    doc = load_json(path, f"CLEVR-Humans {split} questions")
+    if not isinstance(doc, dict) or not isinstance(doc.get("questions"), list):
+        raise DataError(f"{path}: expected a JSON object with a 'questions' list")
+    questions, image_splits = [], set()
+    for i, q in enumerate(doc["questions"]):
+        name = q.get("image_filename", "")
+        parts = Path(name).stem.split("_")  # CLEVR_{split}_{index}
+        if len(parts) != 3 or not parts[2].isdigit():
+            raise DataError(f"{path}: question {i} has image_filename {name!r}; expected CLEVR_split_NNNNNN.png")
+        image_splits.add(parts[1])
+        questions.append({"question": q["question"], "answer": q.get("answer"), "image_index": int(parts[2]),
+                          "question_index": q.get("question_index", i)})
+        if questions[-1]["answer"] is None:
+            del questions[-1]["answer"]
+    if len(image_splits) != 1:
+        raise DataError(f"{path}: questions on the images of several CLEVR splits ({sorted(image_splits)})")
+    return questions, image_splits.pop()
+
+
 def prepare_humans(humans_dir, clevr_prepared, out, log=print):
     """CLEVR-Humans-{train,val,test}.json -> a prepared directory on the vocabulary of an existing
     prepared CLEVR (copied unchanged, so a CLEVR checkpoint fine-tunes on it with --init): words CLEVR
@@ -471,43 +539,27 @@ def prepare_humans(humans_dir, clevr_prepared, out, log=print):
     splits = {s: p for s, p in splits.items() if p.exists()}
     if not splits:
         raise DataError(f"{humans_dir}: no CLEVR-Humans-{{train,val,test}}.json")
-    out.mkdir(parents=True, exist_ok=True)
     info = {k: v for k, v in cinfo.items() if k not in ("images", "source")}
     info.update(dataset="CLEVR-Humans", images={}, source=str(humans_dir.resolve()), vocab_from=str(clevr.resolve()))
     qv, av, stats = vocab["question_token_to_idx"], vocab["answer_token_to_idx"], {}
-    for s, path in splits.items():
-        doc = load_json(path, f"CLEVR-Humans {s} questions")
-        if not isinstance(doc, dict) or not isinstance(doc.get("questions"), list):
-            raise DataError(f"{path}: expected a JSON object with a 'questions' list")
-        questions, image_splits = [], set()
-        for i, q in enumerate(doc["questions"]):
-            name = q.get("image_filename", "")
-            parts = Path(name).stem.split("_")  # CLEVR_{split}_{index}
-            if len(parts) != 3 or not parts[2].isdigit():
-                raise DataError(f"{path}: question {i} has image_filename {name!r}; expected CLEVR_split_NNNNNN.png")
-            image_splits.add(parts[1])
-            questions.append({"question": q["question"], "answer": q.get("answer"), "image_index": int(parts[2]),
-                              "question_index": q.get("question_index", i)})
-            if questions[-1]["answer"] is None:
-                del questions[-1]["answer"]
-        if len(image_splits) != 1:
-            raise DataError(f"{path}: questions on the images of several CLEVR splits ({sorted(image_splits)})")
-        image_split = image_splits.pop()
-        if image_split not in cinfo["images"]:
-            raise DataError(f"{path} asks about CLEVR {image_split} images, but {clevr} has no {image_split} split; "
-                            f"prepare CLEVR's {image_split} split too")
-        unk = encode_questions(questions, vocab, out / f"{s}_questions.h5")
-        new_words = Counter(t for q in questions for t in tokenize(q["question"]) if t not in qv)
-        bad_answers = sum("answer" in q and q["answer"] not in av for q in questions)
-        info["images"][s] = str((clevr / cinfo["images"][image_split]).resolve())
-        stats[s] = {"questions": len(questions), "unk_rate": unk, "new_words": dict(new_words.most_common()),
-                    "answers_not_in_vocab": bad_answers, "images_of": image_split}
-        log(f"  {s}: {len(questions)} questions on CLEVR {image_split} images, {100 * unk:.2f}% <UNK> words"
-            + (f" (most frequent: {', '.join(w for w, _ in new_words.most_common(8))})" if new_words else "")
-            + (f"; {bad_answers} answers outside CLEVR's answers (encoded <UNK>)" if bad_answers else ""))
-    shutil.copyfile(clevr / "vocab.json", out / "vocab.json")  # byte for byte: the same vocabulary hash
-    (out / "info.json").write_text(json.dumps(info, indent=1))
-    (out / "humans_stats.json").write_text(json.dumps(stats, indent=1))
+    with staged(out, log) as tmp:
+        for s, path in splits.items():
+            questions, image_split = _read_humans(path, s)
+            if image_split not in cinfo["images"]:
+                raise DataError(f"{path} asks about CLEVR {image_split} images, but {clevr} has no {image_split} "
+                                f"split; prepare CLEVR's {image_split} split too")
+            unk = encode_questions(questions, vocab, tmp / f"{s}_questions.h5")
+            new_words = Counter(t for q in questions for t in tokenize(q["question"]) if t not in qv)
+            bad_answers = sum("answer" in q and q["answer"] not in av for q in questions)
+            info["images"][s] = str((clevr / cinfo["images"][image_split]).resolve())
+            stats[s] = {"questions": len(questions), "unk_rate": unk, "new_words": dict(new_words.most_common()),
+                        "answers_not_in_vocab": bad_answers, "images_of": image_split}
+            log(f"  {s}: {len(questions)} questions on CLEVR {image_split} images, {100 * unk:.2f}% <UNK> words"
+                + (f" (most frequent: {', '.join(w for w, _ in new_words.most_common(8))})" if new_words else "")
+                + (f"; {bad_answers} answers outside CLEVR's answers (encoded <UNK>)" if bad_answers else ""))
+        shutil.copyfile(clevr / "vocab.json", tmp / "vocab.json")  # byte for byte: the same vocabulary hash
+        (tmp / "info.json").write_text(json.dumps(info, indent=1))
+        (tmp / "humans_stats.json").write_text(json.dumps(stats, indent=1))
     log(f"prepared CLEVR-Humans {', '.join(splits)} -> {out} (vocabulary of {clevr})")
     return out, stats
 
@@ -583,6 +635,17 @@ def gqa_objects(gqa_dir, out, log=print):
     return where
 
 
+def _read_gqa(paths, split):
+    """[(question id, question)] of a GQA split's question files, in order."""
+    out = []
+    for path in paths:
+        doc = load_json(path, f"GQA {split} questions")
+        if not isinstance(doc, dict):
+            raise DataError(f"{path}: expected a JSON object {{question id: question}}")
+        out += [(qid, q) for qid, q in doc.items()]
+    return out
+
+
 def prepare_gqa(gqa_dir, out=None, variant="balanced", val_split="testdev", log=print):
     """GQA -> a prepared directory (default GQA_DIR/prepared, so `train.py --data GQA_DIR` finds it).
     train = {train}_{variant}; val = {val_split}_balanced (the DACT code validates on testdev balanced).
@@ -594,44 +657,37 @@ def prepare_gqa(gqa_dir, out=None, variant="balanced", val_split="testdev", log=
         raise DataError(f"variant must be balanced or all, not {variant!r}")
     sources = {"train": ("train", variant), "val": (val_split, "balanced")}
     files = {s: _gqa_question_files(gqa_dir, *src) for s, src in sources.items()}  # all there before work
-    out.mkdir(parents=True, exist_ok=True)
-    row_of = gqa_objects(gqa_dir, out / "objects.h5", log)
-    raw = {}
-    for s, paths in files.items():
-        raw[s] = []
-        for path in paths:
-            doc = load_json(path, f"GQA {s} questions")
-            if not isinstance(doc, dict):
-                raise DataError(f"{path}: expected a JSON object {{question id: question}}")
-            raw[s] += [(qid, q) for qid, q in doc.items()]
-    words = Counter(t for _, q in raw["train"] for t in tokenize_gqa(q["question"]))
-    answers = Counter(q["answer"] for _, q in raw["train"] if "answer" in q)
-    index = lambda names: {**SPECIALS, **{t: len(SPECIALS) + i for i, t in enumerate(sorted(set(names) - set(SPECIALS)))}}
-    vocab = {"question_token_to_idx": index(words), "program_token_to_idx": dict(SPECIALS),
-             "answer_token_to_idx": index(answers)}
-    families = sorted({q.get("types", {}).get("detailed") for qs in raw.values() for _, q in qs} - {None})
-    family_of = {f: i for i, f in enumerate(families)}
-    for s, qs in raw.items():
-        missing = [q["imageId"] for _, q in qs if q["imageId"] not in row_of]
-        if missing:
-            raise DataError(f"{len(missing)} {s} questions ask about images without object features, e.g. "
-                            f"{missing[0]}; is gqa_objects_info.json from the same release?")
-        questions = [{"question": q["question"], "image_index": row_of[q["imageId"]],
-                      "question_index": int(qid) if qid.isdigit() else i,
-                      "question_family_index": family_of.get(q.get("types", {}).get("detailed"), -1),
-                      **({"answer": q["answer"]} if "answer" in q else {})} for i, (qid, q) in enumerate(qs)]
-        unk = encode_questions(questions, vocab, out / f"{s}_questions.h5", tokenizer=tokenize_gqa)
-        unseen = sum(q.get("answer") not in vocab["answer_token_to_idx"] for q in questions if "answer" in q)
-        log(f"  {s} ({'/'.join(p.name for p in files[s][:3])}{'...' if len(files[s]) > 3 else ''}): "
-            f"{len(questions)} questions, {100 * unk:.2f}% <UNK> words"
-            + (f", {unseen} answers never seen in train" if unseen else ""))
-    (out / "vocab.json").write_text(json.dumps(vocab, indent=1))
-    with h5py.File(out / "objects.h5", "r") as f:
-        shape = list(f["features"].shape[1:])
-    info = {"dataset": "GQA", "image_kind": "objects", "images": {"train": "objects.h5", "val": "objects.h5"},
-            "feature_shape": shape, "family_names": families, "source": str(gqa_dir.resolve()),
-            "questions_from": {s: f"{a}_{b}" for s, (a, b) in sources.items()}}
-    (out / "info.json").write_text(json.dumps(info, indent=1))
+    with staged(out, log) as tmp:
+        row_of = gqa_objects(gqa_dir, tmp / "objects.h5", log)
+        raw = {s: _read_gqa(paths, s) for s, paths in files.items()}
+        words = Counter(t for _, q in raw["train"] for t in tokenize_gqa(q["question"]))
+        answers = Counter(q["answer"] for _, q in raw["train"] if "answer" in q)
+        index = lambda names: {**SPECIALS, **{t: len(SPECIALS) + i for i, t in enumerate(sorted(set(names) - set(SPECIALS)))}}
+        vocab = {"question_token_to_idx": index(words), "program_token_to_idx": dict(SPECIALS),
+                 "answer_token_to_idx": index(answers)}
+        families = sorted({q.get("types", {}).get("detailed") for qs in raw.values() for _, q in qs} - {None})
+        family_of = {f: i for i, f in enumerate(families)}
+        for s, qs in raw.items():
+            missing = [q["imageId"] for _, q in qs if q["imageId"] not in row_of]
+            if missing:
+                raise DataError(f"{len(missing)} {s} questions ask about images without object features, e.g. "
+                                f"{missing[0]}; is gqa_objects_info.json from the same release?")
+            questions = [{"question": q["question"], "image_index": row_of[q["imageId"]],
+                          "question_index": int(qid) if qid.isdigit() else i,
+                          "question_family_index": family_of.get(q.get("types", {}).get("detailed"), -1),
+                          **({"answer": q["answer"]} if "answer" in q else {})} for i, (qid, q) in enumerate(qs)]
+            unk = encode_questions(questions, vocab, tmp / f"{s}_questions.h5", tokenizer=tokenize_gqa)
+            unseen = sum(q.get("answer") not in vocab["answer_token_to_idx"] for q in questions if "answer" in q)
+            log(f"  {s} ({'/'.join(p.name for p in files[s][:3])}{'...' if len(files[s]) > 3 else ''}): "
+                f"{len(questions)} questions, {100 * unk:.2f}% <UNK> words"
+                + (f", {unseen} answers never seen in train" if unseen else ""))
+        (tmp / "vocab.json").write_text(json.dumps(vocab, indent=1))
+        with h5py.File(tmp / "objects.h5", "r") as f:
+            shape = list(f["features"].shape[1:])
+        info = {"dataset": "GQA", "image_kind": "objects", "images": {"train": "objects.h5", "val": "objects.h5"},
+                "feature_shape": shape, "family_names": families, "source": str(gqa_dir.resolve()),
+                "questions_from": {s: f"{a}_{b}" for s, (a, b) in sources.items()}}
+        (tmp / "info.json").write_text(json.dumps(info, indent=1))
     log(f"prepared GQA ({variant}, val = {val_split} balanced): {len(vocab['question_token_to_idx'])} words, "
         f"{len(vocab['answer_token_to_idx'])} answers -> {out}")
     return out
@@ -655,7 +711,8 @@ def _parser():
     g.add_argument("--max-objects", type=int)
     r = sub.add_parser("clevr", help="CLEVR_v1.0 folder -> prepared folder (vocab, h5)")
     r.add_argument("clevr_dir")
-    r.add_argument("--out", required=True)
+    r.add_argument("--out", required=True, help="the prepared folder; one that exists is replaced only once the "
+                                                 "new one is complete")
     r.add_argument("--images", choices=("pixels", "features", "scene-cnn"), default="pixels",
                    help="scene-cnn: features of a small CNN trained on the scenes (the built-in data)")
     r.add_argument("--size", type=int, default=64, help="pixels: resize images to SIZE x SIZE")

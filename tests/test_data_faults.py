@@ -6,6 +6,7 @@ import argparse
 import json
 import os
 import shutil
+import socket
 import tempfile
 from pathlib import Path
 
@@ -291,3 +292,42 @@ def test_an_empty_or_garbage_checkpoint_is_reported_as_damaged(tmp_path, content
 def test_first_line_of_an_exception():
     assert data.first_line(EOFError()) == "EOFError"
     assert data.first_line(OSError("\n  unable to open\nmore")) == "OSError: unable to open"
+
+
+# ----------------------------------------------------------------------------------------------------
+# Interrupted preparation and generation
+
+def snapshot(folder):
+    return {p.name: p.read_bytes() for p in sorted(Path(folder).iterdir())}
+
+
+def test_a_failed_prepare_leaves_the_prepared_folder_as_it_was(tiny_clevr, tmp_path):
+    out = tmp_path / "prepared"
+    shutil.copytree(tiny_clevr / "prepared", out)  # pixels at 32 x 32
+    before = snapshot(out)
+    source = tmp_path / "clevr"
+    shutil.copytree(tiny_clevr, source, ignore=shutil.ignore_patterns("prepared"))
+    (source / "images" / "val.h5").unlink()  # fails at the val split, after train's files at 16 x 16
+    with pytest.raises(data.DataError, match="images of split val are missing"):
+        prepare.prepare_clevr(source, out, size=16, **QUIET)
+    assert snapshot(out) == before and sorted(p.name for p in tmp_path.iterdir()) == ["clevr", "prepared"]
+
+
+def test_stale_temporary_folders_of_killed_processes_are_removed(tmp_path):
+    final, host, dead = tmp_path / "default-v3", socket.gethostname(), 2 ** 31 - 1  # beyond any PID
+    names = {"legacy": f"default-v3.tmp-{dead}", "dead": f"default-v3.tmp-{host}-{dead}",
+             "live": f"default-v3.tmp-{host}-{os.getppid()}", "elsewhere": f"default-v3.tmp-other-host-{dead}"}
+    for name in names.values():
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "questions").mkdir()
+    tmp = data.staging_dir(final)
+    assert tmp.name == f"default-v3.tmp-{host}-{os.getpid()}" and not tmp.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([names["live"], names["elsewhere"]])
+
+
+def test_ensure_builtin_removes_a_killed_generation(tiny_data, monkeypatch):
+    cache = Path(tiny_data).parents[1]  # CACHE/tiny-vN/prepared
+    stale = cache / f"{Path(tiny_data).parent.name}.tmp-{2 ** 31 - 1}"
+    (stale / "questions").mkdir(parents=True)
+    monkeypatch.setenv("MINI_CLEVR_CACHE", str(cache))
+    assert data.ensure_builtin(tiny=True, **QUIET) == tiny_data and not stale.exists()

@@ -1,6 +1,7 @@
 """prepare.py: clevr-iep preprocessing (vocab.json, questions h5 in either program spelling, feature rows
 by image_index), the command line, the scene CNN's targets, and clear errors for malformed input."""
 import json
+import shutil
 
 import h5py
 import numpy as np
@@ -97,6 +98,19 @@ def test_cli_generate_tiny(tmp_path, capsys):
     assert torch.allclose(batch["image"][0, -2, 0], torch.linspace(-1, 1, 4), atol=1e-3)  # x coordinate channel
     assert torch.allclose(batch["image"][0, -1, :, 0], torch.linspace(-1, 1, 4), atol=1e-3)  # y coordinate channel
     assert (tmp_path / "g" / "preview.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_preparing_again_replaces_the_prepared_folder_whole(tiny_clevr, tmp_path):
+    out = tmp_path / "prep"
+    shutil.copytree(tiny_clevr / "prepared", out)  # pixels: train_images.h5, val_images.h5
+    (out / "notes.txt").write_text("kept")  # not named by info.json: not this module's to delete
+    said = []
+    prepare.prepare_clevr(tiny_clevr, out, images="scene-cnn", size=32, log=said.append)
+    assert sorted(p.name for p in out.iterdir()) == ["info.json", "notes.txt", "train_features.h5", "train_questions.h5",
+                                                     "val_features.h5", "val_questions.h5", "vocab.json"]
+    assert f"  {out}: the prepared data that was there is replaced" in said
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["prep"]  # nothing left beside it
+    assert data.load_info(out)["image_shape"] == (18, 4, 4)
 
 
 def test_scene_cnn_targets_put_each_object_in_its_cell():
