@@ -103,6 +103,11 @@ def fail(msg):
     raise SystemExit(f"error: {msg}")
 
 
+def reason(e):
+    """An exception in a message: its type and the first line of its text."""
+    return f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+
+
 # ----------------------------------------------------------------------------------------------------
 # Command line: flags generated from the Config dataclasses
 
@@ -146,27 +151,47 @@ def fmt(v):
     return " ".join(map(str, v)) if isinstance(v, (tuple, list)) else str(v)
 
 
+STEP_PROTOCOL = ("encode", "init_state", "step", "classify", "halt_input")  # what ACT and DACT call (mac.py)
+
+
+def wrappable(model_mod):
+    """Whether ACT and DACT can wrap the model: it has the step protocol and no bilevel training of its own
+    (LNMN's alpha step runs the model's own forward, which a wrapper replaces)."""
+    return all(hasattr(model_mod.Model, a) for a in STEP_PROTOCOL) and not hasattr(model_mod.Model, "arch_optimizer")
+
+
+def wrapped_models():
+    return [m for m in MODELS if wrappable(importlib.import_module(MODELS[m]))]
+
+
 def parse_args(argv):
     """-> (model name, wrapper name or None, model module, wrapper module, {part: {field: value}})."""
-    listing = (f"models:   {', '.join(MODELS)}\nwrappers: {', '.join(WRAPPERS)}\n"
-               "run `python train.py MODEL -h` for the common flags and the model's flags")
-    top = argparse.ArgumentParser(prog="train.py", description=__doc__.split("\n")[0], epilog=listing,
-                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    top.add_argument("model", choices=list(MODELS), help="the model to train")
-    top.add_argument("wrapper", nargs="?", choices=list(WRAPPERS), help="adaptive computation around it")
     if not argv or argv[0].startswith("-") or argv[0] not in MODELS:
+        wraps = wrapped_models()
+        listing = (f"models:   {', '.join(MODELS)}\nwrappers: {', '.join(WRAPPERS)} (around {', '.join(wraps)})\n"
+                   "run `python train.py MODEL -h` for the common flags and the model's flags")
+        top = argparse.ArgumentParser(prog="train.py", description=__doc__.split("\n")[0], epilog=listing,
+                                      formatter_class=argparse.RawDescriptionHelpFormatter)
+        top.add_argument("model", choices=list(MODELS), help="the model to train")
+        top.add_argument("wrapper", nargs="?", choices=list(WRAPPERS), help=f"adaptive computation around {', '.join(wraps)}")
         top.parse_args(argv)  # prints the help, or the error, and exits
         top.error("put the model first: train.py MODEL [WRAPPER] [flags]")
     model_name = argv[0]
     model_mod = importlib.import_module(MODELS[model_name])
     wrapper_name = argv[1] if len(argv) > 1 and argv[1] in WRAPPERS else None
+    if wrapper_name and not wrappable(model_mod):
+        fail(f"{wrapper_name} cannot wrap {model_name}: a wrapper drives the step protocol ({', '.join(STEP_PROTOCOL)}) "
+             f"of a model without bilevel training of its own; it wraps {', '.join(wrapped_models())}. Train {model_name} "
+             "without a wrapper")
     wrapper_mod = wrapper_name and importlib.import_module(WRAPPERS[wrapper_name])
     presets = getattr(model_mod, "PRESETS", {})
 
-    p = argparse.ArgumentParser(prog="train.py", usage=f"train.py {model_name} [WRAPPER] [flags]",
+    wraps = wrappable(model_mod)
+    p = argparse.ArgumentParser(prog="train.py", usage=f"train.py {model_name}{' [WRAPPER]' * wraps} [flags]",
                                 description=(model_mod.__doc__ or "").split("\n")[0], allow_abbrev=False)
     p.add_argument("model", choices=list(MODELS), help="the model to train")
-    p.add_argument("wrapper", nargs="?", choices=list(WRAPPERS), help="adaptive computation around it")
+    if wraps:
+        p.add_argument("wrapper", nargs="?", choices=list(WRAPPERS), help="adaptive computation around it")
     add_flags(p.add_argument_group("trainer"), TrainConfig, "train", presets,
               {"preset": ["auto", "paper", *presets], "device": ["auto", "cpu", "cuda", "mps"],
                "amp": ["off", "bf16", "fp16"]})
@@ -177,9 +202,10 @@ def parse_args(argv):
     ns, extra = p.parse_known_args(argv)
     if extra:
         p.error(f"put the wrapper right after the model: train.py {model_name} {extra[0]} [flags]"
-                if extra[0] in WRAPPERS else f"unrecognized arguments: {' '.join(extra)}")
+                if extra[0] in WRAPPERS and wraps else f"unrecognized arguments: {' '.join(extra)}")
     ns = vars(ns)
-    del ns["model"], ns["wrapper"]
+    del ns["model"]
+    ns.pop("wrapper", None)
     explicit = {"train": {}, "model": {}, "wrapper": {}}
     for key, value in ns.items():
         if "." in key:
@@ -193,8 +219,72 @@ def with_values(cfg, values):
     names = {f.name for f in dataclasses.fields(cfg)}
     if unknown := set(values) - names:
         fail(f"{type(cfg).__module__}.{type(cfg).__name__} has no field(s) {sorted(unknown)}")
-    values = {k: tuple(v) if isinstance(getattr(cfg, k), tuple) else v for k, v in values.items()}
+    values = {k: tuple(v) if isinstance(getattr(cfg, k), tuple) and isinstance(v, (list, tuple)) else v
+              for k, v in values.items()}
     return dataclasses.replace(cfg, **values)
+
+
+# What a setting must hold, wherever it comes from (a flag, a preset, a checkpoint's config): a rule applies
+# to every config (trainer, model, wrapper) that has the field. Beyond these, every value must have its
+# field's type, a float must be finite and an int >= 0.
+AT_LEAST_1 = (lambda v: v >= 1, ">= 1")
+BELOW_1 = (lambda v: 0 <= v < 1, ">= 0 and < 1")
+FROM_0_TO_1 = (lambda v: 0 <= v <= 1, "from 0 to 1")
+RULES = {
+    **dict.fromkeys(("batch_size", "log_every", "embed_dim", "max_steps", "kb_dim", "pe_dim", "mem_dim", "out_dim",
+                     "stack_len", "map_dim", "hidden_dim", "rnn_layers", "max_program_len", "module_dim",
+                     "classifier_proj_dim", "classifier_fc_dim"), AT_LEAST_1),
+    "dim": (lambda v: v >= 2 and v % 2 == 0, ">= 2 and even (the BiLSTM gives dim / 2 per direction)"),
+    "pixel_channels": (lambda v: len(v) > 0 and min(v) >= 1, "(one or more, each >= 1)"),
+    **dict.fromkeys(("lr", "arch_lr", "sharpen_temp"), (lambda v: v > 0, "> 0")),
+    **dict.fromkeys(("lr_factor", "halt_eps"), (lambda v: 0 < v < 1, "between 0 and 1 (both excluded)")),
+    **dict.fromkeys(("ema", "held_out", "stem_dropout", "question_dropout", "memory_dropout", "output_dropout"),
+                    BELOW_1),
+    **dict.fromkeys(("entropy_begin", "entropy_end", "entropy_switch", "arch_warmup", "reward_decay"), FROM_0_TO_1),
+    **dict.fromkeys(("clip", "tau", "weight_decay", "arch_wd"), (lambda v: v >= 0, ">= 0")),
+}
+
+
+def type_fits(value, tp):
+    """(whether `value` fits a Config field of type `tp`, what that type asks for)."""
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):  # Optional[X]: None or an X
+        tp = next(a for a in typing.get_args(tp) if a is not type(None))
+        if value is None:
+            return True, ""
+    origin, args = typing.get_origin(tp) or tp, typing.get_args(tp)
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if origin is typing.Literal:
+        return value in args and type(value) is type(args[0]), f"one of {', '.join(map(str, args))}"
+    if origin in (tuple, list):
+        item = args[0] if args else int
+        return isinstance(value, tuple) and all(type_fits(v, item)[0] for v in value), f"a list of {item.__name__}s"
+    if tp is bool:
+        return isinstance(value, bool), "true or false"
+    if tp is int:
+        return number and isinstance(value, int), "an integer"
+    if tp is float:
+        return number and math.isfinite(value), "a finite number"
+    return isinstance(value, tp), f"a {tp.__name__}"
+
+
+def check_configs(cfgs, explicit, saved, path):
+    """Every value of every config against its type and RULES. The error names where the value came from:
+    a flag, the checkpoint `path` (`saved`: {part: the config values taken from it}), or a preset."""
+    for part, cfg in cfgs.items():
+        hints = typing.get_type_hints(type(cfg)) if cfg is not None else {}
+        for name, tp in hints.items():
+            value, flag = getattr(cfg, name), "--" + name.replace("_", "-")
+            fits, need = type_fits(value, tp)
+            test, bound = RULES.get(name, (lambda v: v >= 0, ">= 0") if tp is int else (lambda v: True, ""))
+            if fits and test(value):
+                continue
+            need += f" {bound}" if bound else ""
+            if name in explicit[part]:
+                fail(f"{flag} {fmt(value)}: {name} must be {need}")
+            if name in (saved.get(part) or {}):
+                fail(f"checkpoint {path} sets {name} = {value!r} in its {part} config, but {name} must be {need}: "
+                     f"pass {flag} with a good value (the file was edited, or written by another version of the code)")
+            fail(f"{type(cfg).__name__}.{name} = {value!r} (its default or a preset), but {name} must be {need}")
 
 
 def apply_preset(name, cfgs, modules, explicit, log, why=None):
@@ -452,15 +542,25 @@ def resolve_configs(model_name, wrapper_name, model_mod, wrapper_mod, explicit, 
                 preset, why = dataset.lower(), f"--data is {dataset}"
         cfgs = apply_preset(preset, cfgs, {"model": model_mod, "wrapper": wrapper_mod}, explicit, log, why)
         cfgs["train"] = with_values(cfgs["train"], {"preset": preset})
+        check_configs(cfgs, explicit, {}, path)
         return cfgs, ckpt, path
-    saved = ckpt["config"]
-    for part, c in cfgs.items():
-        if c is not None:
-            keep = {k: v for k, v in (saved.get(part) or {}).items() if hasattr(c, k)}
-            cfgs[part] = with_values(with_values(c, keep), explicit[part])
+    saved = {part: saved_config(ckpt, part, c, path) for part, c in cfgs.items() if c is not None}
+    for part in saved:
+        cfgs[part] = with_values(with_values(cfgs[part], saved[part]), explicit[part])
     cfgs["train"] = with_values(cfgs["train"], {k: getattr(cfg, k) for k in RUN_FIELDS})
     log(f"config from {path}, then the flags given")
+    check_configs(cfgs, explicit, saved, path)
     return cfgs, ckpt, path
+
+
+def saved_config(ckpt, part, cfg, path):
+    """The values of config `part` ("train", "model", "wrapper") that the checkpoint holds and `cfg` has: a
+    field the code no longer has is dropped, a field it gained keeps its default."""
+    saved = ckpt["config"].get(part) if isinstance(ckpt["config"], dict) else ckpt["config"]
+    if not isinstance(saved, (dict, type(None))):
+        fail(f"checkpoint {path} holds a {part} config that train.py does not write ({type(saved).__name__}): the "
+             "file was edited, or written by another program")
+    return {k: v for k, v in (saved or {}).items() if hasattr(cfg, k)}
 
 
 def start_processes():
@@ -486,6 +586,8 @@ class Run:
         self.argv, self.model_name, self.wrapper_name, self.explicit = argv, model_name, wrapper_name, explicit
         self.name = model_name + (f"-{wrapper_name}" if wrapper_name else "")
         self.out = Path(cfg.out or f"runs/{self.name}-{datetime.datetime.now():%Y%m%d-%H%M%S}")
+        if self.out.exists() and not self.out.is_dir():
+            fail(f"--out {self.out} is a file, not a directory: choose another --out")
         held = [f for f in RUN_FILES if (self.out / f).exists()]
         if not cfg.resume and not cfg.eval_only and held:  # a new run never overwrites or appends to another
             fail(f"{self.out} already holds a run ({', '.join(held)}): add --resume to continue it, or choose "
@@ -532,8 +634,11 @@ class Run:
         """The model (a wrapper holds the inner model under `prefix`), its optimizers and scheduler."""
         cfg, cfgs = self.cfg, self.cfgs
         seed_all(cfg.seed)
-        self.inner = inner = model_mod.Model(cfgs["model"], self.info)
-        self.raw = raw = wrapper_mod.Model(inner, cfgs["wrapper"]) if wrapper_mod else inner
+        try:  # settings that each pass the RULES but do not fit together (e.g. DACT's N over MAC's steps)
+            self.inner = inner = model_mod.Model(cfgs["model"], self.info)
+            self.raw = raw = wrapper_mod.Model(inner, cfgs["wrapper"]) if wrapper_mod else inner
+        except ValueError as e:
+            fail(str(e))
         self.prefix = next(n + "." for n, m in raw.named_modules() if m is inner) if raw is not inner else ""
         raw.to(self.device)
         self.arch_opt = inner.arch_optimizer() if hasattr(inner, "arch_optimizer") else None
