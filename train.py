@@ -526,6 +526,9 @@ def resolve_configs(model_name, wrapper_name, model_mod, wrapper_mod, explicit, 
         fail("--eval-only needs the weights to evaluate: --init CKPT, or --resume --out RUN_DIR")
     if cfg.resume and not cfg.out:
         fail("--resume needs --out RUN_DIR, the run to continue")
+    if cfg.resume and cfg.init:
+        fail("--init and --resume together: --resume continues the run in --out from its last.pt (weights, optimizer, "
+             "counters); --init starts a new run from a checkpoint's weights. Pass one of them")
     path = Path(cfg.out) / "last.pt" if cfg.resume else Path(cfg.init) if cfg.init else None
     if cfg.resume and not path.is_file():
         fail(f"no checkpoint at {path} to resume; drop --resume to start a new run")
@@ -602,7 +605,30 @@ class Run:
         self.build(model_mod, wrapper_mod)
         self.epoch, self.it, self.pos, self.best, self.rng = 0, 0, 0, -1.0, None
         self.resuming = cfg.resume and not cfg.eval_only
+        if not cfg.eval_only:
+            self.check_batches()
         self.restore()
+
+    def check_batches(self):
+        """Training needs training batches, answered val questions (for best.pt), and, resumed inside an epoch,
+        the batch size that epoch began with (the batches are cut from its order by that size)."""
+        n, split, val = len(self.train_loader), self.train_loader.split, self.val_loader.split
+        if n == 0:
+            kept = "" if self.train_loader.rows is None else f", of which the model trains on {len(self.train_loader.rows)}"
+            fail(f"nothing to train on: the train split of {self.data_dir} has {len(split)} questions{kept}. "
+                 "Prepare data with training questions (or check the flags that choose them, e.g. --held-out)")
+        if not (val.answers != -100).any():
+            fail(f"the val split of {self.data_dir} has no questions with answers ({len(val)} questions): training "
+                 "evaluates on it after every epoch and keeps best.pt by its accuracy. Prepare data with val answers")
+        ckpt, bs = self.ckpt, self.cfg.batch_size
+        old = (ckpt["config"].get("train") or {}).get("batch_size", bs) if self.resuming else bs
+        if self.resuming and ckpt["pos"] and old != bs:
+            self.train_loader.batch_size = old
+            end = ckpt["iter"] + len(self.train_loader) - ckpt["pos"]  # the iteration that ends the epoch
+            fail(f"{self.ckpt_path} stopped inside epoch {ckpt['epoch'] + 1}, after {ckpt['pos']} batches of "
+                 f"{old}; with --batch-size {bs} the rest of that epoch would be other batches, some questions "
+                 f"seen twice and others never. Finish the epoch at its batch size: --resume --iters {end}; then "
+                 f"--resume --batch-size {bs}")
 
     def open_data(self):
         cfg, ckpt = self.cfg, self.ckpt

@@ -129,3 +129,40 @@ def test_a_bad_value_in_a_checkpoints_config_is_refused(run_dir, tmp_path, part,
     msg = error_of(["mac", *argv])
     assert f"checkpoint {bad / 'last.pt'} sets {field} = {value!r} in its {part} config" in msg and need in msg
     assert f"pass --{field.replace('_', '-')} with a good value" in msg
+
+
+# ----------------------------------------------------------------------------------------------------
+# Options that do not go together, and data with nothing to train on
+
+def test_init_together_with_resume_is_refused(run_dir):
+    msg = error_of(["mac", "--out", str(run_dir), "--resume", "--init", str(run_dir / "last.pt")])
+    assert "--init and --resume together" in msg and "Pass one of them" in msg
+
+
+def test_a_mid_epoch_resume_with_another_batch_size_is_refused_with_the_fix(run_dir, tmp_path):
+    assert load(run_dir / "last.pt")["pos"] == 2  # stopped inside epoch 1
+    msg = error_of(["mac", "--out", str(run_dir), "--resume", "--batch-size", "8"])
+    assert "stopped inside epoch 1, after 2 batches of 16" in msg
+    n = len(train.data.make_loader(load(run_dir / "last.pt")["config"]["train"]["data"], "train", 16, shuffle=True))
+    assert f"--resume --iters {n}; then --resume --batch-size 8" in msg  # the iteration that ends epoch 1
+
+
+def emptied(tiny_data, dst, split):
+    """A copy of the prepared tiny data whose `split` holds no questions."""
+    import shutil
+    import h5py
+    shutil.copytree(tiny_data, dst)
+    with h5py.File(dst / f"{split}_questions.h5", "r+") as f:
+        for name in list(f):
+            rows = f[name][:0]
+            del f[name]
+            f.create_dataset(name, data=rows)
+    return dst
+
+
+@pytest.mark.parametrize("split, message", [("train", "nothing to train on: the train split of"),
+                                            ("val", "the val split of")])
+def test_a_split_without_questions_is_refused(tiny_data, tmp_path, split, message):
+    data_dir = emptied(tiny_data, tmp_path / "data", split)
+    msg = error_of(["mac", "--data", str(data_dir), "--out", str(tmp_path / "run"), *TINY, "--epochs", "1"])
+    assert message in msg and ("has 0 questions" in msg or "(0 questions)" in msg)
