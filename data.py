@@ -363,7 +363,37 @@ def check_questions(questions, path):
                 check_program(q["program"])
         except DataError as e:
             raise DataError(f"{path}: question {i}: {e}; fix or remove this question") from None
+    check_all_or_none(questions, ("answer", "program"), lambda i: f"{path}: question {i}")
     return questions
+
+
+def check_all_or_none(questions, keys, where):
+    """A DataError unless each of `keys` is in every question or in none: a split without answers (as
+    CLEVR's test split) is fine, but one question without its answer would drop the answers of the whole
+    split. where(i) names question i (`FILE: question i`)."""
+    for key in keys:
+        missing = [i for i, q in enumerate(questions) if key not in q]
+        if 0 < len(missing) < len(questions):
+            raise DataError(f"{where(missing[0])} has no {key!r}, but {len(questions) - len(missing)} of the "
+                            f"{len(questions)} questions have one; a split has {key}s in every question or in none: "
+                            f"add the {key} to the {len(missing)} questions without, or remove them")
+
+
+def check_finite(x, path, rows=None):
+    """A DataError naming `path` and the row if feature rows `x` (in memory; `rows`: their row numbers in
+    the file, default 0, 1, ...) hold NaN or inf, which would make every loss NaN. In chunks of rows, so
+    that a large x needs little more memory."""
+    if x.dtype.kind != "f":
+        return
+    for start in range(0, len(x), 1024):
+        chunk = x[start:start + 1024]
+        finite = np.isfinite(chunk.reshape(len(chunk), -1)).all(1)
+        if not finite.all():
+            i = start + int(np.argmin(finite))
+            row = int(rows[i]) if rows is not None else i
+            raise DataError(f"{path}: feature row {row} (image {row}) holds {'NaN' if np.isnan(x[i]).any() else 'inf'}; "
+                            "the file is damaged or the network that made it diverged: extract or prepare the "
+                            "features again")
 
 
 def load_vocab(path):
@@ -431,6 +461,12 @@ def _read_questions_h5(path, vocab):
     if len({len(a) for a in out.values()}) > 1:
         raise DataError(f"{path}: its datasets have different lengths "
                         f"({', '.join(f'{k} {len(a)}' for k, a in out.items())}); prepare the data again")
+    if not len(out["questions"]):
+        raise DataError(f"{path}: no questions; prepare the data again from a questions file that has some")
+    empty = ~(out["questions"] != NULL).any(1)
+    if empty.any():  # a question of padding alone
+        raise DataError(f"{path}: question row {int(np.argmax(empty))} has no tokens (padding alone); "
+                        "prepare the data again")
     return out
 
 
@@ -512,8 +548,10 @@ class Split:
         if len(self.image_idxs) and self.image_idxs.max() >= len(self.images):
             raise DataError(f"{path}: {len(self.images)} images, but questions refer to image "
                             f"{self.image_idxs.max()}; the image file belongs to another split or dataset")
+        self.path = path
         if self.images.size * self.images.dtype.itemsize <= max_memory:
             self.images = self.images[:]
+            check_finite(self.images, path)  # once here; rows read from h5 are checked per batch
         self.objects = None  # GQA: boxes (N, O, 4) read per batch, num_objects (N,) in memory
         if info["image_kind"] == "objects":
             self.objects = {"boxes": self.file["boxes"], "num_objects": self.file["num_objects"][:]}
@@ -524,7 +562,10 @@ class Split:
     def batch(self, idx):
         """The batch dict for question rows `idx`."""
         img_idx = self.image_idxs[idx]
-        image = torch.from_numpy(_rows(self.images, img_idx))
+        rows = _rows(self.images, img_idx)
+        if not isinstance(self.images, np.ndarray):
+            check_finite(rows, self.path, img_idx)
+        image = torch.from_numpy(rows)
         image = image.float().div_(255) if self.is_pixels else image.float()
         L = max(int(self.lengths[idx].max()), 1)
         prog = self.programs[idx]

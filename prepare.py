@@ -34,8 +34,8 @@ import numpy as np
 import torch
 
 import mini_clevr
-from data import (ATTR_ORDER, ATTRIBUTES, END, SPECIALS, START, UNK, DataError, check_features, check_questions,
-                  ensure_builtin, list_to_prefix, load_json, load_vocab, node_token, resolve, staging_dir, tokenize)
+from data import (ATTR_ORDER, ATTRIBUTES, END, SPECIALS, START, UNK, DataError, check_all_or_none, check_features,
+                  check_finite, check_questions, ensure_builtin, list_to_prefix, load_json, load_vocab, node_token, resolve, staging_dir, tokenize)
 
 # ------------------------------------------------------------------------------------------------
 # A prepared directory is written whole: into a temporary folder, moved into place when complete
@@ -110,13 +110,24 @@ def _encode(tokens, to_idx, unk_ok, what):
     return ids + [END]
 
 
-def encode_questions(questions, vocab, path, tokenizer=tokenize):
+def encode_questions(questions, vocab, path, tokenizer=tokenize, where=lambda i: f"question {i}"):
     """Write a clevr-iep questions h5. `programs` (prefix) and `answers` are written only when
-    every question has them (the CLEVR test split has neither)."""
+    every question has them (the CLEVR test split has neither). A question without words is refused;
+    where(i) names question i in the messages (e.g. `FILE: question i`)."""
     qv, pv, av = (vocab[k] for k in ("question_token_to_idx", "program_token_to_idx", "answer_token_to_idx"))
-    qs = [_encode(tokenizer(q["question"]), qv, True, "question") for q in questions]
     has_programs = all("program" in q for q in questions)
     has_answers = all("answer" in q for q in questions)
+    qs, programs = [], []
+    for i, q in enumerate(questions):
+        try:
+            words = tokenizer(q["question"])
+            if not words:  # it would train on a question of padding alone
+                raise DataError(f"{q['question'][:60]!r} has no words; fix or remove this question")
+            qs.append(_encode(words, qv, True, "question"))
+            if has_programs:
+                programs.append(_encode(list_to_prefix(q["program"]), pv, False, "program"))
+        except DataError as e:
+            raise DataError(f"{where(i)}: {e}") from None
     unk = sum(t == UNK for q in qs for t in q) / max(sum(len(q) - 2 for q in qs), 1)
 
     def pad(seqs):
@@ -130,7 +141,7 @@ def encode_questions(questions, vocab, path, tokenizer=tokenize):
         f.create_dataset("orig_idxs", data=np.array([q.get("question_index", i) for i, q in enumerate(questions)], dtype=np.int64))
         f.create_dataset("question_families", data=np.array([q.get("question_family_index", -1) for q in questions], dtype=np.int64))
         if has_programs:
-            f.create_dataset("programs", data=pad([_encode(list_to_prefix(q["program"]), pv, False, "program") for q in questions]))
+            f.create_dataset("programs", data=pad(programs))
         if has_answers:
             f.create_dataset("answers", data=np.array([av.get(q["answer"], UNK) for q in questions], dtype=np.int64))
     return unk
@@ -212,10 +223,8 @@ def prepare_clevr(clevr_dir, out, images="pixels", size=64, vocab=None, features
         (tmp / "vocab.json").write_text(json.dumps(vocab, indent=1))
         info = {"image_kind": images, "images": {}, "source": str(clevr_dir.resolve())}
         for s, questions in questions_of.items():
-            try:
-                unk = encode_questions(questions, vocab, tmp / f"{s}_questions.h5")
-            except DataError as e:  # a token missing from a --vocab: name the questions file
-                raise DataError(f"{clevr_dir / 'questions' / f'CLEVR_{s}_questions.json'}: {e}") from None
+            source = clevr_dir / "questions" / f"CLEVR_{s}_questions.json"
+            unk = encode_questions(questions, vocab, tmp / f"{s}_questions.h5", where=lambda i: f"{source}: question {i}")
             num_images = max(q["image_index"] for q in questions) + 1
             log(f"  {s}: {len(questions)} questions on {num_images} images, {100 * unk:.2f}% <UNK> words")
             if images in ("pixels", "scene-cnn"):
@@ -522,6 +531,7 @@ def _read_humans(path, split):
             del questions[-1]["answer"]
     if len(image_splits) != 1:
         raise DataError(f"{path}: questions on the images of several CLEVR splits ({sorted(image_splits)})")
+    check_all_or_none(questions, ("answer",), lambda i: f"{path}: question {i}")
     return questions, image_splits.pop()
 
 
@@ -548,7 +558,7 @@ def prepare_humans(humans_dir, clevr_prepared, out, log=print):
             if image_split not in cinfo["images"]:
                 raise DataError(f"{path} asks about CLEVR {image_split} images, but {clevr} has no {image_split} "
                                 f"split; prepare CLEVR's {image_split} split too")
-            unk = encode_questions(questions, vocab, tmp / f"{s}_questions.h5")
+            unk = encode_questions(questions, vocab, tmp / f"{s}_questions.h5", where=lambda i: f"{path}: question {i}")
             new_words = Counter(t for q in questions for t in tokenize(q["question"]) if t not in qv)
             bad_answers = sum("answer" in q and q["answer"] not in av for q in questions)
             info["images"][s] = str((clevr / cinfo["images"][image_split]).resolve())
@@ -636,14 +646,20 @@ def gqa_objects(gqa_dir, out, log=print):
 
 
 def _read_gqa(paths, split):
-    """[(question id, question)] of a GQA split's question files, in order."""
-    out = []
+    """[(question id, question)] of a GQA split's question files, in order, and where(i): `FILE: question ID`
+    of question i."""
+    out, origin = [], []
     for path in paths:
         doc = load_json(path, f"GQA {split} questions")
         if not isinstance(doc, dict):
             raise DataError(f"{path}: expected a JSON object {{question id: question}}")
         out += [(qid, q) for qid, q in doc.items()]
-    return out
+        origin += [path] * len(doc)
+
+    def where(i):
+        return f"{origin[i]}: question {out[i][0]}"
+    check_all_or_none([q for _, q in out], ("answer",), where)
+    return out, where
 
 
 def prepare_gqa(gqa_dir, out=None, variant="balanced", val_split="testdev", log=print):
@@ -659,7 +675,9 @@ def prepare_gqa(gqa_dir, out=None, variant="balanced", val_split="testdev", log=
     files = {s: _gqa_question_files(gqa_dir, *src) for s, src in sources.items()}  # all there before work
     with staged(out, log) as tmp:
         row_of = gqa_objects(gqa_dir, tmp / "objects.h5", log)
-        raw = {s: _read_gqa(paths, s) for s, paths in files.items()}
+        raw, where = {}, {}
+        for s, paths in files.items():
+            raw[s], where[s] = _read_gqa(paths, s)
         words = Counter(t for _, q in raw["train"] for t in tokenize_gqa(q["question"]))
         answers = Counter(q["answer"] for _, q in raw["train"] if "answer" in q)
         index = lambda names: {**SPECIALS, **{t: len(SPECIALS) + i for i, t in enumerate(sorted(set(names) - set(SPECIALS)))}}
@@ -676,7 +694,7 @@ def prepare_gqa(gqa_dir, out=None, variant="balanced", val_split="testdev", log=
                           "question_index": int(qid) if qid.isdigit() else i,
                           "question_family_index": family_of.get(q.get("types", {}).get("detailed"), -1),
                           **({"answer": q["answer"]} if "answer" in q else {})} for i, (qid, q) in enumerate(qs)]
-            unk = encode_questions(questions, vocab, tmp / f"{s}_questions.h5", tokenizer=tokenize_gqa)
+            unk = encode_questions(questions, vocab, tmp / f"{s}_questions.h5", tokenizer=tokenize_gqa, where=where[s])
             unseen = sum(q.get("answer") not in vocab["answer_token_to_idx"] for q in questions if "answer" in q)
             log(f"  {s} ({'/'.join(p.name for p in files[s][:3])}{'...' if len(files[s]) > 3 else ''}): "
                 f"{len(questions)} questions, {100 * unk:.2f}% <UNK> words"

@@ -73,6 +73,7 @@ def node(fn, inputs, *values):
     (good_question(program=[]), "a program is a non-empty list of nodes"),
     (good_question(program=[node("scene", [])] + [node("union", [i, i]) for i in range(8)]),
      "roots a tree of more than 200 nodes"),  # shared inputs that would expand to 511 nodes
+    (good_question(question=" ? "), "' ? ' has no words"),  # it would be a question of padding alone
 ])
 def test_a_bad_question_names_the_file_the_question_and_the_fix(tmp_path, question, message):
     with pytest.raises(data.DataError) as e:
@@ -80,6 +81,18 @@ def test_a_bad_question_names_the_file_the_question_and_the_fix(tmp_path, questi
     text = str(e.value)
     assert text.startswith(f"{tmp_path / 'questions' / 'CLEVR_train_questions.json'}: question 1: ")
     assert message in text and text.endswith("fix or remove this question")
+
+
+@pytest.mark.parametrize("key", ["answer", "program"])
+def test_a_question_without_the_answer_or_program_that_the_others_have(tmp_path, key):
+    """One question without its answer would drop the answers of the whole split, silently."""
+    questions = [good_question(), good_question(), good_question()]
+    del questions[1][key]
+    with pytest.raises(data.DataError) as e:
+        prepare_questions(tmp_path, questions)
+    assert str(e.value) == (f"{tmp_path / 'questions' / 'CLEVR_train_questions.json'}: question 1 has no {key!r}, "
+                            f"but 2 of the 3 questions have one; a split has {key}s in every question or in none: "
+                            f"add the {key} to the 1 questions without, or remove them")
 
 
 def test_malformed_questions_files(tmp_path):
@@ -102,7 +115,7 @@ def test_a_vocabulary_from_another_dataset(tmp_path):
     other = {"question_token_to_idx": dict(data.SPECIALS), "program_token_to_idx": dict(data.SPECIALS),
              "answer_token_to_idx": dict(data.SPECIALS)}
     (tmp_path / "other.json").write_text(json.dumps(other))
-    with pytest.raises(data.DataError, match=r"CLEVR_train_questions.json: program token 'count' is not in the "
+    with pytest.raises(data.DataError, match=r"CLEVR_train_questions.json: question 0: program token 'count' is not in the "
                                              r"vocabulary.*prepare without --vocab"):
         prepare_questions(tmp_path, [good_question()], vocab=tmp_path / "other.json")
     (tmp_path / "broken.json").write_text(json.dumps({"question_token_to_idx": {"a": 5}}))
@@ -131,6 +144,15 @@ def rewrite_h5(path, name, array):
         f.create_dataset(name, data=array)
 
 
+def change_h5(path, name, change):
+    """Dataset `name` of h5 `path` read, changed by change(array) (in place, or returned), written back."""
+    with h5py.File(path, "a") as f:
+        a = f[name][:]
+        out = change(a)
+        del f[name]
+        f.create_dataset(name, data=a if out is None else out)
+
+
 @pytest.mark.parametrize("damage, message", [
     (lambda d: rewrite_h5(d / "train_questions.h5", "questions", np.zeros((4, 5), np.float32)),
      "train_questions.h5: dataset 'questions' is (4, 5) float32; expected 2-D integers"),
@@ -147,11 +169,29 @@ def rewrite_h5(path, name, array):
     (lambda d: (d / "train_features.h5").unlink(), "train_features.h5: no such feature file"),
     (lambda d: (d / "vocab.json").write_text('{"question_token_to_idx": []}'), "vocab.json: question_token_to_idx"),
     (lambda d: (d / "info.json").write_text('{"images": 3}'), "info.json: expected image_kind pixels|features"),
+    (lambda d: change_h5(d / "train_features.h5", "features", lambda a: a.__setitem__((2, 5, 1, 1), np.nan)),
+     "train_features.h5: feature row 2 (image 2) holds NaN; the file is damaged or the network that made it diverged"),
+    (lambda d: change_h5(d / "val_features.h5", "features", lambda a: a.__setitem__((3, 0, 0, 0), -np.inf)),
+     "val_features.h5: feature row 3 (image 3) holds inf"),
+    (lambda d: change_h5(d / "train_questions.h5", "questions", lambda a: a.__setitem__(4, 0)),
+     "train_questions.h5: question row 4 has no tokens (padding alone); prepare the data again"),
+    (lambda d: [change_h5(d / "train_questions.h5", k, lambda a: a[:0]) for k in ("questions", "image_idxs",
+                "orig_idxs", "question_families", "programs", "answers")], "train_questions.h5: no questions"),
 ])
 def test_a_bad_file_in_a_prepared_directory_is_named(prepared, tmp_path, damage, message):
     damage(prepared)
     msg = error_of(["mac", "--data", str(prepared), "--out", str(tmp_path / "run"), "--iters", "1", "--dim", "8"])
     assert message in msg
+
+
+def test_nan_features_read_per_batch_from_h5_are_named(prepared):
+    """Feature files too large for memory are read per batch: each batch's rows are checked."""
+    change_h5(prepared / "train_features.h5", "features", lambda a: a.__setitem__((6, 1, 0, 2), np.inf))
+    split = data.Split(prepared, "train", max_memory=0)  # rows from h5, per batch
+    rows = np.flatnonzero(split.image_idxs == 6)
+    split.batch(np.flatnonzero(split.image_idxs != 6)[:8])
+    with pytest.raises(data.DataError, match=r"train_features.h5: feature row 6 \(image 6\) holds inf"):
+        split.batch(rows)
 
 
 def test_pixel_images_of_the_wrong_dtype(prepared, tmp_path):

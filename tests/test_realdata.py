@@ -383,3 +383,22 @@ def test_train_mac_dact_on_gqa_dir_picks_the_gqa_preset(gqa, tmp_path, capsys):
     assert res["final_acc"] is not None and "avg steps" in printed
     rec = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])
     assert rec["epoch"] == 5 and all(v is None for v in rec["acc_by_kind"].values())
+
+
+@pytest.mark.robustness  # questions without the answer that the others have
+def test_humans_and_gqa_refuse_a_question_without_the_answer_the_others_have(tiny_data, tmp_path):
+    write_humans(tmp_path / "humans")
+    path = tmp_path / "humans" / "CLEVR-Humans-train.json"
+    doc = json.loads(path.read_text())
+    del doc["questions"][3]["answer"]
+    path.write_text(json.dumps(doc))
+    with pytest.raises(data.DataError, match=rf"^{path}: question 3 has no 'answer', but 17 of the 18 questions"):
+        prepare.prepare_humans(tmp_path / "humans", tiny_data, tmp_path / "prep", **QUIET)
+    write_gqa(tmp_path / "GQA")
+    path = tmp_path / "GQA" / "questions" / "train_balanced_questions.json"
+    doc = json.loads(path.read_text())
+    del doc["105"]["answer"]
+    path.write_text(json.dumps(doc))
+    with pytest.raises(data.DataError, match=rf"^{path}: question 105 has no 'answer', but 19 of the 20"):
+        prepare.prepare_gqa(tmp_path / "GQA", **QUIET)
+    assert sorted(p.name for p in (tmp_path / "GQA").iterdir()) == ["features", "questions"]  # no prepared/
