@@ -147,22 +147,32 @@ def test_a_mid_epoch_resume_with_another_batch_size_is_refused_with_the_fix(run_
     assert f"--resume --iters {n}; then --resume --batch-size 8" in msg  # the iteration that ends epoch 1
 
 
-def emptied(tiny_data, dst, split):
-    """A copy of the prepared tiny data whose `split` holds no questions."""
+def altered(tiny_data, dst, split, cut):
+    """A copy of the prepared tiny data whose `split` has no questions (cut "rows") or no answers ("answers")."""
     import shutil
     import h5py
     shutil.copytree(tiny_data, dst)
     with h5py.File(dst / f"{split}_questions.h5", "r+") as f:
         for name in list(f):
-            rows = f[name][:0]
+            rows = f[name][:0] if cut == "rows" else f[name][:]
             del f[name]
-            f.create_dataset(name, data=rows)
+            if not (cut == "answers" and name == "answers"):
+                f.create_dataset(name, data=rows)
     return dst
 
 
-@pytest.mark.parametrize("split, message", [("train", "nothing to train on: the train split of"),
-                                            ("val", "the val split of")])
-def test_a_split_without_questions_is_refused(tiny_data, tmp_path, split, message):
-    data_dir = emptied(tiny_data, tmp_path / "data", split)
+@pytest.mark.parametrize("split, cut, message", [
+    ("train", "rows", "train_questions.h5: no questions"),  # (data.py refuses an empty questions file)
+    ("val", "answers", "the val split of"),  # questions without answers, as CLEVR's test split
+])
+def test_a_split_without_questions_or_answers_is_refused(tiny_data, tmp_path, split, cut, message):
+    data_dir = altered(tiny_data, tmp_path / "data", split, cut)
     msg = error_of(["mac", "--data", str(data_dir), "--out", str(tmp_path / "run"), *TINY, "--epochs", "1"])
-    assert message in msg and ("has 0 questions" in msg or "(0 questions)" in msg)
+    assert message in msg
+
+
+def test_a_model_that_keeps_no_training_question_is_refused(tiny_data, tmp_path):
+    msg = error_of(["lnmn", "--data", str(tiny_data), "--out", str(tmp_path / "run"), "--map-dim", "8", "--dim", "16",
+                    "--embed-dim", "8", "--kb-dim", "8", "--pe-dim", "4", "--mem-dim", "8", "--out-dim", "16",
+                    "--batch-size", "16", "--held-out", "0.999", "--epochs", "1"])  # LNMN's alphas get every row
+    assert "nothing to train on" in msg and "the model trains on 0" in msg
