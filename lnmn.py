@@ -99,20 +99,24 @@ def node_reference(w, x1, x2, normalize=True):
     return F.normalize(out, dim=-1) if normalize else out
 
 
-def node(w, x1, x2, normalize=True):
-    """`node_reference` rearranged: x1, x2 broadcast to (B, K, d); w (N,) over OPS. min and max are written
-    (x1 + x2 -+ |x1 - x2|) / 2, with the same values and gradients (ties included: each input gets half,
-    as torch.minimum / torch.maximum give), because their backward on broadcast inputs is slow
-    (RESULTS.md, "Speed of a node"). By term,
-        sum_i w_i op_i = (w_min + w_max) / 2 (x1 + x2) + (w_max - w_min) / 2 |x1 - x2| + w_sum (x1 + x2)
-                         + w_prod x1 x2 + w_1 x1 + w_2 x2,
-    gathered as x1 (s + w_1 + w_prod x2) + (s + w_2) x2 + ..., s = (w_min + w_max) / 2 + w_sum, so that
-    fewer passes run over the (B, K, d) tensors."""
+def node_terms(w):
+    """The six-op sum gathered in four terms: sum_i w_i op_i(x1, x2) = b1 x1 + b2 x2 + w_prod x1 x2
+    + k |x1 - x2|, since min and max are (x1 + x2 -+ |x1 - x2|) / 2. w (N, ...) over OPS -> b1, b2, w_prod, k."""
     w_min, w_max, w_sum, w_prod, w_1, w_2 = w
     s = (w_min + w_max) / 2 + w_sum                                      # the weight of x1 + x2
+    return s + w_1, s + w_2, w_prod, (w_max - w_min) / 2
+
+
+def node(w, x1, x2, normalize=True, dist=None):
+    """`node_reference` rearranged: x1, x2 broadcast to (B, K, d); w (N,) over OPS; `dist` |x1 - x2| if the
+    caller has it. By `node_terms`, O = x1 (b1 + w_prod x2) + b2 x2 + k |x1 - x2|: two fused passes over
+    (B, K, d) and one for |x1 - x2|, instead of one per op. min and max written with |x1 - x2| have the same
+    values and gradients (ties included: each input gets half, as torch.minimum / torch.maximum give), and
+    their backward on broadcast inputs is slow (RESULTS.md, "Speed of a node")."""
+    b1, b2, b12, k = node_terms(w)
+    dist = (x1 - x2).abs() if dist is None else dist                     # (B, K, d)
     # Sec. 3.1: O(x1, x2) = w_min min(x1, x2) + w_max max(x1, x2) + w_sum (x1 + x2) + w_prod x1 x2 + w_1 x1 + w_2 x2
-    out = x1 * (s + w_1 + w_prod * x2) + (s + w_2) * x2 + (w_max - w_min) / 2 * (x1 - x2).abs()  # (B, K, d)
-    out = out.expand(torch.broadcast_shapes(x1.shape, x2.shape))
+    out = torch.addcmul(torch.addcmul(b2 * x2, x1, b1 + b12 * x2), dist, k)  # (B, K, d)
     return F.normalize(out, dim=-1) if normalize else out
 
 
@@ -120,7 +124,9 @@ class Cell(nn.Module):
     """A generic module. kind: "attn" (output: a 1-channel map) or "ans" (output: memory features);
     inputs 3 (I, a, c: nodes O1(conv1(I), a), O2(O1, W1 c)) or 4 (I, a1, a2, c: nodes O1(a1, a2),
     O2(O1, conv1(I)), O3(O2, W1 c)). Its own parameters: alpha (k, N) and conv2 (attn) or W2 (ans);
-    conv1 and W1 are shared by all cells (official code)."""
+    conv1 and W1 are shared by all cells (official code). `forward` computes it node by node as Sec. 3.1
+    writes it; `fast`, which the model runs, gives the same values and gradients in fewer passes over
+    (B, K, d) tensors (tests/test_lnmn.py checks the two against each other)."""
 
     def __init__(self, kind, inputs, cfg):
         super().__init__()
@@ -145,9 +151,44 @@ class Cell(nn.Module):
             x = node(w[0], maps[0], maps[1], self.merge_norm)            # (B, K, 1) Sec. 3.1.2: O1(a1, a2)
             x = node(w[1], x, I, self.norm)                              # (B, K, d) Sec. 3.1.2: O2(O1, conv1(I))
         x = node(w[-1], x, c[:, None], self.norm)                        # (B, K, d) Sec. 3.1: the last node, (., W1 c)
+        return self.output(x, c, m)
+
+    def output(self, x, c, m):
+        """x (B, K, d) the last node's output -> attention map (B, K) or memory (B, Dm)."""
         if self.kind == "ans":
             return self.out(torch.cat([x.sum(1), c, m], -1))             # (B, Dm) Sec. 3.1: W2[sum x; W1 c; f_mem]
         return self.out(x).squeeze(-1)                                   # (B, K) Sec. 3.1: conv2, 1x1 to one channel
+
+    def fast(self, I, maps, c, m, mask=None, hard=False, dist=None):
+        """`forward` in fewer passes over (B, K, d) tensors: `dist` |conv1(I) - a| is computed once for all
+        the 3-input cells (CellModules), and without the node norm the last node is folded into the output
+        layer (`last_node_output`), so its (B, K, d) output is never formed. Same arguments and result."""
+        if self.pooled:
+            return pooled_compare(self, I, maps, c, m)                   # (B, Dm) beyond the paper
+        w = op_weights(self.alpha, mask, hard)                           # (k, N)
+        maps = [a[..., None] for a in maps]                              # (B, K, 1)
+        if self.inputs == 3:
+            x = node(w[0], I, maps[0], self.norm, dist)                  # (B, K, d) O1(conv1(I), a)
+        else:
+            x = node(w[0], maps[0], maps[1], self.merge_norm)            # (B, K, 1) O1(a1, a2)
+            x = node(w[1], x, I, self.norm)                              # (B, K, d) O2(O1, conv1(I))
+        if self.norm:                                                    # the L2 norm is not linear: as forward
+            return self.output(node(w[-1], x, c[:, None], True), c, m)
+        return self.last_node_output(w[-1], x, c, m)
+
+    def last_node_output(self, w, x, c, m):
+        """output(O(x, c)) without forming O: by `node_terms`, O = x g + h + k |x - c| with g = b1 + w_prod c
+        and h = b2 c constant over the positions, and conv2 (per position) and W2[sum over positions; ...]
+        are linear, so they take the three terms apart: conv2 as dot products with its weight v, W2 on
+        sum_k O = g sum_k x + K h + k sum_k |x - c|. x (B, K, d), c (B, d), m (B, Dm)."""
+        b1, b2, b12, k = node_terms(w)
+        g, h = b1 + b12 * c, b2 * c                                      # (B, d) each
+        dist = (x - c[:, None]).abs()                                    # (B, K, d) |x - W1 c|
+        if self.kind == "ans":
+            pooled = g * x.sum(1) + x.size(1) * h + k * dist.sum(1)     # (B, d) sum_k O(x, W1 c)
+            return self.out(torch.cat([pooled, c, m], -1))               # (B, Dm) W2[sum O; W1 c; f_mem]
+        v = self.out.weight[0]                                           # (d,) conv2
+        return (x @ (g * v)[..., None]).squeeze(-1) + (h @ v)[:, None] + k * (dist @ v) + self.out.bias  # (B, K)
 
     def expression(self, hard_alpha=None):
         """The analytical expression from the argmax op of every node (Table 6), choose_* resolved."""
@@ -198,17 +239,26 @@ class CellModules(nn.Module):
         if cfg.cells == "stack":
             fix_stack_cells(self.cells)                                  # beyond the paper
         self.op_mask, self.hard = None, False                            # set by the analysis (Tables 7, 2)
+        self.reference = False                                           # True: every cell by Cell.forward (tests)
+
+    def run_cells(self, I, a1, a2, c, m):
+        """Every cell's output, in order: I (B, K, d) conv1(I), a1 (B, K) the map under the top, a2 (B, K) the
+        top map, c (B, d) W1 c, m (B, Dm) f_mem -> [(B, K) or (B, Dm)]."""
+        if self.reference:
+            return [cell(I, [a2] if cell.inputs == 3 else [a1, a2], c, m, self.op_mask, self.hard)
+                    for cell in self.cells]
+        dist = (I - a2[..., None]).abs()                                 # (B, K, d) node 1 of every 3-input cell
+        return [cell.fast(I, [a2], c, m, self.op_mask, self.hard, dist) if cell.inputs == 3
+                else cell.fast(I, [a1, a2], c, m, self.op_mask, self.hard) for cell in self.cells]
 
     def forward(self, kb, A, p, m, c):
         """-> stacks (B, K, L, M), pointers (B, L, M), memories (B, Dm, M), NoOp first, then the cells."""
-        I, cw = self.conv1(kb), self.w1(c)                               # (B, K, d), (B, d)
         a2, p_pop = read(A, p), pop(p)
         a1 = read(A, p_pop)                                              # the map under the top
+        ys = self.run_cells(self.conv1(kb), a1, a2, self.w1(c), m)       # conv1(I) (B, K, d), W1 c (B, d)
         zero = torch.zeros_like(m)
         out = [(A, p, zero)]                                             # NoOp: f_mem from answer cells only
-        for cell in self.cells:
-            maps = [a2] if cell.inputs == 3 else [a1, a2]
-            y = cell(I, maps, cw, m, self.op_mask, self.hard)
+        for cell, y in zip(self.cells, ys):
             if cell.kind == "ans":                                       # Sec. 2.2: pops what it read
                 out.append((A, p_pop if cell.inputs == 3 else pop(p_pop), y))
             elif cell.inputs == 3:

@@ -1,4 +1,5 @@
-"""Tests for lnmn.py: one-hot nodes, the fast node against the paper's, the expression printer,
+"""Tests for lnmn.py: one-hot nodes, the fast node against the paper's, the fast cells against the cells
+node by node (values and gradients), the expression printer,
 inventories, the two public-code bugs as flags, no weight decay, the entropy schedule, gradients,
 overfitting, the trainer's alpha step, and the experiments beyond the paper (CPU, seconds). The
 analysis (`python analyze.py lnmn`) is tested in test_analyze.py."""
@@ -82,6 +83,77 @@ def test_node_is_the_papers_node_values_and_gradients(shapes, normalize):
         (out * up).sum().backward()
     for want, got in zip(*leaves):
         assert torch.allclose(got.grad, want.grad, atol=1e-5)
+
+
+def loss_and_grads(m, reference, batch):
+    m.modules_.reference = reference
+    m.zero_grad()
+    out = m(batch)
+    loss = F.nll_loss(out["log_probs"], batch["answer"]) + out["aux_loss"] + out["arch_loss"]
+    loss.backward()
+    return out["log_probs"].detach(), {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("kw,bank", [
+    (dict(), {}),                                              # the official node: L2 norm after every node
+    (dict(node_norm=False), {}),                               # the laptop preset's node: last node folded
+    (dict(node_norm=True, norm_fix=False), {}),                # the official merge norm (sign)
+    (dict(node_norm=False, modules=14, push_fix=False), {}),
+    (dict(node_norm=False, compare="pooled"), {}),
+    (dict(node_norm=False, cells="stack"), {}),
+    (dict(node_norm=False), dict(hard=True)),                  # hard-max alphas (Table 2)
+    (dict(node_norm=False), dict(op_mask=torch.tensor([1.0, 0, 1, 1, 1, 1])))])  # without max (Table 7)
+def test_fast_cells_equal_the_cells_node_by_node(kw, bank):
+    """CellModules runs Cell.fast (|conv1(I) - a| shared by the 3-input cells, the last node folded into
+    the output layer); Cell.forward computes every node as Sec. 3.1 writes it. Same log-probabilities and
+    the same gradient of every parameter, alphas included, over a whole forward (T = 5 steps)."""
+    m = model(**kw).train()
+    with torch.no_grad():                                      # alphas far from uniform: every op weighs
+        for alpha in [a for a in m.arch_parameters() if a.requires_grad]:  # --cells stack keeps its cells
+            alpha.normal_()
+    for k, v in bank.items():
+        setattr(m.modules_, k, v)
+    b = make_batch()
+    (want, want_grads), (got, got_grads) = (loss_and_grads(m, ref, b) for ref in (True, False))
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert got_grads.keys() == want_grads.keys() and len(got_grads) > 30
+    for n in want_grads:
+        torch.testing.assert_close(got_grads[n], want_grads[n], rtol=1e-4, atol=1e-6, msg=n)
+
+
+@pytest.mark.parametrize("norm", [True, False])
+@pytest.mark.parametrize("kind,inputs", [("attn", 3), ("attn", 4), ("ans", 3), ("ans", 4)])
+def test_fast_cell_equals_the_cell_node_by_node_inputs_included(kind, inputs, norm):
+    """One cell: Cell.fast against Cell.forward on random inputs, in values and in the gradients of conv1(I),
+    the maps, W1 c, f_mem, alpha and the output layer; the 3-input cell with |conv1(I) - a| handed in."""
+    torch.manual_seed(2)
+    cell = lnmn.Cell(kind, inputs, lnmn.LNMNConfig(**{**TINY, "node_norm": norm}))
+    cell.alpha.data.normal_()                                  # far from uniform: every op weighs
+    B, K, d = 4, 36, TINY["map_dim"]
+    leaves = [torch.randn(B, K, d), *torch.randn(inputs - 2, B, K), torch.randn(B, d), torch.randn(B, TINY["mem_dim"])]
+    runs = []
+    for fast in (False, True):
+        cell.zero_grad()
+        I, *maps, c, m = xs = [t.clone().requires_grad_() for t in leaves]
+        dist = (I - maps[-1][..., None]).abs() if inputs == 3 else None
+        out = cell.fast(I, maps, c, m, dist=dist) if fast else cell(I, maps, c, m)
+        (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
+        runs.append([out.detach()] + [t.grad for t in xs] + [p.grad.clone() for p in cell.parameters()])
+    for want, got in zip(*runs):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_the_model_runs_the_fast_cells(monkeypatch):
+    """Cell.forward (node by node) is the reference; the model's forward does not call it."""
+    calls = []
+    real = lnmn.Cell.forward
+    monkeypatch.setattr(lnmn.Cell, "forward", lambda self, *a, **k: calls.append(1) or real(self, *a, **k))
+    m = model()
+    m(make_batch())
+    assert not calls and m.modules_.reference is False
+    m.modules_.reference = True
+    m(make_batch())
+    assert len(calls) == 5 * len(m.modules_.cells)             # T = 5 steps
 
 
 def test_no_weight_decay_on_the_weights():
