@@ -391,9 +391,9 @@ def check_finite(x, path, rows=None):
         if not finite.all():
             i = start + int(np.argmin(finite))
             row = int(rows[i]) if rows is not None else i
-            raise DataError(f"{path}: feature row {row} (image {row}) holds {'NaN' if np.isnan(x[i]).any() else 'inf'}; "
-                            "the file is damaged or the network that made it diverged: extract or prepare the "
-                            "features again")
+            bad = "NaN" if np.isnan(x[i]).any() else "inf"
+            raise DataError(f"{path}: feature row {row} (image {row}) holds {bad}; the file is damaged or the network "
+                            "that made it diverged: extract or prepare the features again")
 
 
 def load_vocab(path):

@@ -35,7 +35,8 @@ import torch
 
 import mini_clevr
 from data import (ATTR_ORDER, ATTRIBUTES, END, SPECIALS, START, UNK, DataError, check_all_or_none, check_features,
-                  check_finite, check_questions, ensure_builtin, list_to_prefix, load_json, load_vocab, node_token, resolve, staging_dir, tokenize)
+                  check_questions, ensure_builtin, list_to_prefix, load_json, load_vocab, node_token, resolve,
+                  staging_dir, tokenize)
 
 # ------------------------------------------------------------------------------------------------
 # A prepared directory is written whole: into a temporary folder, moved into place when complete
@@ -224,7 +225,8 @@ def prepare_clevr(clevr_dir, out, images="pixels", size=64, vocab=None, features
         info = {"image_kind": images, "images": {}, "source": str(clevr_dir.resolve())}
         for s, questions in questions_of.items():
             source = clevr_dir / "questions" / f"CLEVR_{s}_questions.json"
-            unk = encode_questions(questions, vocab, tmp / f"{s}_questions.h5", where=lambda i: f"{source}: question {i}")
+            unk = encode_questions(questions, vocab, tmp / f"{s}_questions.h5",
+                                   where=lambda i: f"{source}: question {i}")
             num_images = max(q["image_index"] for q in questions) + 1
             log(f"  {s}: {len(questions)} questions on {num_images} images, {100 * unk:.2f}% <UNK> words")
             if images in ("pixels", "scene-cnn"):
