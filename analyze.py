@@ -29,14 +29,58 @@ import train
 
 
 # ------------------------------------------------------------------------------------------------
+# Arguments checked before the work (bench.py uses these too)
+# ------------------------------------------------------------------------------------------------
+
+def check_least(values, least):
+    """An error for any flag in `values` ({field: number or tuple of numbers}) under its least value in
+    `least` ({field: least value})."""
+    for name, low in least.items():
+        given = values.get(name)
+        for v in given if isinstance(given, (tuple, list)) else [given]:
+            if v is not None and v < low:
+                train.fail(f"--{name.replace('_', '-')} {v} is out of range: pass a number of at least {low}")
+
+
+def writable(path, flag, folder=False):
+    """`path` ready for what a command writes at its end: the folder (folder=True) or the file's folder
+    made now, so that a bad --out or --json stops the command before its work, with a message."""
+    path = Path(path)
+    if path.exists() and path.is_dir() != folder:
+        train.fail(f"{flag} {path} is a {'file' if folder else 'folder'}: pass a {'folder' if folder else 'file'} name")
+    try:
+        (path if folder else path.parent).mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        train.fail(f"{flag} {path}: cannot make {'this' if folder else 'its'} folder ({e.strerror or e}); "
+                   "pass another path")
+    return path
+
+
+def val_question(data_dir, index, flag):
+    """The val split of `data_dir`, after checking that question `index` is in it."""
+    split = data.Split(data_dir, "val")
+    n = len(split.questions)
+    if not 0 <= index < n:
+        train.fail(f"{flag} {index} is out of range: the val split of {data_dir} has {n} questions"
+                   + (f"; pass 0 to {n - 1}" if n else "; pass --data with val questions"))
+    return split
+
+
+# ------------------------------------------------------------------------------------------------
 # Loading a run, evaluating it
 # ------------------------------------------------------------------------------------------------
 
 def registered(registry, name, kind, path):
     """The module train.py's registry names for `name`: a checkpoint never chooses what is imported."""
-    if name not in registry:
+    if not isinstance(name, str) or name not in registry:
         train.fail(f"{path} holds a {kind} '{name}', which train.py does not know ({kind}s: {', '.join(registry)})")
     return importlib.import_module(registry[name])
+
+
+def run_kind(ckpt):
+    """A checkpoint's model and wrapper in words: "a 'mac' run in 'dact'", "a 'mac' run without a wrapper"."""
+    wrapper = ckpt["wrapper_name"]
+    return f"a '{ckpt['model_name']}' run " + (f"in '{wrapper}'" if wrapper else "without a wrapper")
 
 
 def load_run(path, data_dir=None, models=(), inner=False):
@@ -48,15 +92,22 @@ def load_run(path, data_dir=None, models=(), inner=False):
         data_dir, info = data.checkpoint_data(ckpt, data_dir)
     except data.DataError as err:
         train.fail(str(err))
+    except (TypeError, AttributeError) as e:  # a field of the wrong type, e.g. a data_dir that is not a path
+        train.fail(f"{path} is not a checkpoint train.py wrote ({type(e).__name__}: {str(e)[:200]}); pass another")
     mod = registered(train.MODELS, ckpt["model_name"], "model", path)
-    model = mod.Model(data.checkpoint_config(mod.Config, ckpt["config"]["model"]), info)
-    state, prefix = ckpt["ema"], ckpt.get("prefix", "")
-    if ckpt["wrapper_name"] and not inner:
-        wmod = registered(train.WRAPPERS, ckpt["wrapper_name"], "wrapper", path)
-        model = wmod.Model(model, data.checkpoint_config(wmod.Config, ckpt["config"]["wrapper"]))
-    elif prefix:
-        state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
-    model.load_state_dict(state)
+    wmod = ckpt["wrapper_name"] and registered(train.WRAPPERS, ckpt["wrapper_name"], "wrapper", path)
+    try:
+        model = mod.Model(data.checkpoint_config(mod.Config, ckpt["config"]["model"]), info)
+        state, prefix = ckpt["ema"], ckpt.get("prefix", "")
+        if wmod and not inner:
+            model = wmod.Model(model, data.checkpoint_config(wmod.Config, ckpt["config"]["wrapper"]))
+        elif prefix:
+            state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+        model.load_state_dict(state)
+    except (RuntimeError, ValueError, TypeError, KeyError, AttributeError) as e:  # weights, config or its types
+        train.fail(f"{path} does not fit the {ckpt['model_name']} model built from its own config "
+                   f"({type(e).__name__}: {' '.join(str(e).split())[:200]}); it was written by another version of "
+                   f"the code or altered: use the version that wrote it, or pass another checkpoint")
     return model.eval(), ckpt, data_dir, info
 
 
@@ -101,10 +152,12 @@ def show_eval(rec, names=None):
 
 
 def cmd_eval(args):
+    if args.json:
+        writable(args.json, "--json")
     model, ckpt, data_dir, _ = load_run(args.run, args.data)
     if args.halt:
         if ckpt["wrapper_name"] != "dact":
-            train.fail(f"--halt is for DACT runs; {args.run} has wrapper {ckpt['wrapper_name']}")
+            train.fail(f"--halt is for DACT runs; {args.run} is {run_kind(ckpt)}: drop --halt")
         model.cfg = dataclasses.replace(model.cfg, halt=args.halt)
     device = train.pick_device(args.device, 0)
     rec = evaluate(model.to(device), data.make_loader(data_dir, "val", args.batch_size, shuffle=False), device)
@@ -133,16 +186,23 @@ def pyplot():
 def run_summary(run_dir):
     """The best val record of a run: accuracy and average steps (a MAC's own step count if fixed)."""
     run_dir = Path(run_dir)
-    run = json.loads((run_dir / "run.json").read_text())
-    val = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    val = [r for r in val if r["split"] == "val"]
-    if not val:
-        train.fail(f"{run_dir} has no val record yet")
-    best = max(val, key=lambda r: r["acc"])
-    wrapper, cfg = run["wrapper"], run["config"]
-    steps = best.get("avg_steps") or cfg["model"].get("max_steps")
-    label = (f"{wrapper.upper()} tau={cfg['wrapper']['tau']:g} ({run_dir.name})" if wrapper
-             else f"{run['model'].upper()} {steps} steps ({run_dir.name})")
+    if not (run_dir / "run.json").is_file():
+        train.fail(f"{run_dir} is not a run directory of train.py (no run.json): pass the folders that "
+                   "`python train.py ... --out DIR` wrote")
+    try:
+        run = json.loads((run_dir / "run.json").read_text())
+        lines = (run_dir / "metrics.jsonl").read_text().splitlines() if (run_dir / "metrics.jsonl").exists() else []
+        val = [r for r in map(json.loads, lines) if r["split"] == "val"]
+        if not val:
+            train.fail(f"{run_dir} has no val record yet")
+        best = max(val, key=lambda r: r["acc"])
+        wrapper, cfg = run["wrapper"], run["config"]
+        steps = best.get("avg_steps") or cfg["model"].get("max_steps")
+        label = (f"{wrapper.upper()} tau={cfg['wrapper']['tau']:g} ({run_dir.name})" if wrapper
+                 else f"{run['model'].upper()} {steps} steps ({run_dir.name})")
+    except (ValueError, KeyError, TypeError, AttributeError) as e:  # not JSON, or not train.py's records
+        train.fail(f"{run_dir}: run.json or metrics.jsonl is not what train.py writes ({type(e).__name__}: "
+                   f"{str(e)[:200]}); pass another run, or delete a last line cut short by a crash")
     return {"dir": str(run_dir), "wrapper": wrapper, "tau": wrapper and cfg["wrapper"]["tau"], "acc": best["acc"],
             "avg_steps": steps, "label": label}
 
@@ -191,10 +251,10 @@ def fig3(plt, runs, out, data_dir):
     print(f"wrote {out / 'fig3_steps_per_family.png'}")
 
 
-def fig6(plt, run_dir, out, data_dir, question):
-    """Per step, the image and question attention, the intermediate answer and p_n, for one question."""
-    model, _, data_dir, info = load_run(Path(run_dir) / "best.pt", data_dir)
-    split = data.Split(data_dir, "val")
+def fig6(plt, run, out, question):
+    """Per step, the image and question attention, the intermediate answer and p_n, for one question of
+    the val split of a loaded run ({"model", "data_dir", "info", "split"})."""
+    model, data_dir, info, split = run["model"], run["data_dir"], run["info"], run["split"]
     batch = split.batch(np.array([question]))
     tr = {k: v[0] for k, v in model.trace(batch).items()}
     vocab = json.loads((data_dir / "vocab.json").read_text())
@@ -240,14 +300,16 @@ def fig6(plt, run_dir, out, data_dir, question):
 def cmd_dact_plot(args):
     plt = pyplot() or train.fail("`python analyze.py dact-plot` draws with matplotlib, which is not installed: "
                                  "pip install matplotlib (nothing else in this project needs it)")
-    out = Path(args.out or args.runs[0])
-    out.mkdir(parents=True, exist_ok=True)
     runs = [run_summary(r) for r in args.runs]
+    first = next((r for r in runs if r["wrapper"] == "dact"), None)
+    if first:  # Fig. 6's run and question, checked before any figure is drawn
+        model, _, d, info = load_run(Path(first["dir"]) / "best.pt", args.data)
+        first = {"model": model, "data_dir": d, "info": info, "split": val_question(d, args.question, "--question")}
+    out = writable(args.out or args.runs[0], "--out", folder=True)
     fig4(plt, runs, out)
     fig3(plt, runs, out, args.data)
-    first = next((r for r in runs if r["wrapper"] == "dact"), None)
     if first:
-        fig6(plt, first["dir"], out, args.data, args.question)
+        fig6(plt, first, out, args.question)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -256,9 +318,9 @@ def cmd_dact_plot(args):
 
 def cmd_stack_figure(args):
     """Module weights per step and the map under the stack pointer per step, for one val question."""
+    writable(args.out, "--out")
     model, _, d, info = load_run(args.run, args.data, models=("stack_nmn", "lnmn"), inner=True)
-    split = data.Split(d, "val")
-    batch = split.batch([args.index])
+    batch = val_question(d, args.index, "--index").batch([args.index])
     with torch.no_grad():
         ctx, states = model.run(batch)
         pred = model.classify(ctx, states[-1]).argmax(-1).item()
@@ -320,11 +382,10 @@ def lnmn_accuracies(model, loader, ops, max_batches):
 def cmd_lnmn(args):
     if getattr(args, "threads", 0):
         torch.set_num_threads(args.threads)
+    out = writable(args.out, "--out", folder=True)
     model, _, d, _ = load_run(args.run, args.data, models=("lnmn",), inner=True)
     ops = importlib.import_module(train.MODELS["lnmn"]).OPS
     bank = model.modules_
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     alphas = {name: cell.alpha.detach().softmax(-1)                      # not a pooled cell's: unused
               for name, cell in zip(bank.names[1:], bank.cells) if not cell.pooled}
     print("softmax(alpha) per module and node (Fig. 3):")
@@ -395,8 +456,12 @@ def parser():
 COMMANDS = {"eval": cmd_eval, "dact-plot": cmd_dact_plot, "stack-figure": cmd_stack_figure, "lnmn": cmd_lnmn}
 
 
+LEAST = {"batch_size": 1, "max_batches": 0, "question": 0, "index": 0, "threads": 0}  # flag -> least value
+
+
 def main(argv=None):
     args = parser().parse_args(argv)
+    check_least(vars(args), LEAST)
     try:
         return COMMANDS[args.cmd](args)
     except data.DataError as err:

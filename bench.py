@@ -53,10 +53,11 @@ def sync(device):
 
 def timed(fn, device, repeats, budget_s=math.inf, warmup=None):
     """Best wall time of fn in ms (device work included) after one warm-up run (`warmup`, default fn),
-    and fn's last result. Runs fn `repeats` times, or fewer once the runs have taken budget_s."""
+    and fn's last result. Runs fn `repeats` times, or fewer (at least once) once the runs have
+    taken budget_s."""
     (warmup or fn)()
     times, result = [], None
-    while len(times) < max(repeats, 1) and sum(times) < budget_s:
+    while not times or (len(times) < repeats and sum(times) < budget_s):  # at least one run
         sync(device)
         start = time.perf_counter()
         result = fn()
@@ -287,7 +288,8 @@ def dact_models(cfg, device, quick, log):
     if cfg.init:
         dact, ckpt, data_dir, _ = analyze.load_run(cfg.init, cfg.data or None)
         if ckpt["wrapper_name"] != "dact":
-            train.fail(f"{cfg.init} is not a DACT run (wrapper {ckpt['wrapper_name']})")
+            train.fail(f"{cfg.init} is not a DACT run: it is {analyze.run_kind(ckpt)}; pass a run of "
+                       "`python train.py MODEL dact`, or omit --init to time an untrained one")
         note = f"DACT run {cfg.init}"
         base_name = f"{ckpt['model_name']}, all {dact.inner.max_steps} steps (DACT's inner model)"
     else:
@@ -300,6 +302,9 @@ def dact_models(cfg, device, quick, log):
     base = dact.inner
     if cfg.mac:
         base, mac_ckpt, _, _ = analyze.load_run(cfg.mac, data_dir)
+        if mac_ckpt["wrapper_name"]:
+            train.fail(f"--mac takes a run of fixed steps; {cfg.mac} is {analyze.run_kind(mac_ckpt)}: pass the "
+                       "run without a wrapper (the MAC that DACT was fine-tuned from)")
         base_name = f"{mac_ckpt['model_name']}, all {base.max_steps} steps ({cfg.mac})"
     return dact, base, base_name, data_dir, note
 
@@ -390,6 +395,12 @@ def bench_train(cfg, device, quick=False, log=print):
 # Command line
 # ------------------------------------------------------------------------------------------------
 
+LEAST = {  # name -> {flag: least value}; the common flags under "common"
+    "common": {"threads": 0},
+    "topo": {"batch_sizes": 1, "channels": 1, "size": 1, "repeats": 1, "num_images": 1, "seed": 0},
+    "dact": {"batch_size": 1, "limit": 0, "repeats": 1},
+    "train": {"batch_size": 0, "repeats": 1},
+}
 BENCHES = {  # name -> (config, function, what it measures, --quick values)
     "topo": (TopoConfig, bench_topo, "batched topological vs per-example execution of program trees",
              dict(channels=4, size=6, batch_sizes=(1, 6), repeats=1, num_images=2)),
@@ -419,11 +430,14 @@ def parse_args(argv):
     settings = {"device": "auto", "quick": False, "threads": 0, "json": "bench.json"}
     settings.update({k: ns[k] for k in settings if k in ns})
     names = [ns["bench"]] if ns.get("bench") else list(BENCHES)
+    analyze.check_least(settings, LEAST["common"])
     cfgs = {}
     for name in names:
         cls, _, _, quick = BENCHES[name]
         cfg = train.with_values(cls(), quick) if settings["quick"] else cls()
         cfgs[name] = train.with_values(cfg, {k.split(".", 1)[1]: v for k, v in ns.items() if k.startswith(name + ".")})
+        analyze.check_least(dataclasses.asdict(cfgs[name]), LEAST[name])
+    analyze.writable(settings["json"], "--json")
     return names, cfgs, settings
 
 

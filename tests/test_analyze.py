@@ -144,3 +144,74 @@ def test_cli_runs_as_a_script(runs, tmp_path):
     assert "per family (by average steps)" in proc.stdout and (tmp_path / "e.json").exists()
     proc = subprocess.run([sys.executable, str(ROOT / "analyze.py")], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2 and "eval" in proc.stderr
+
+
+# ------------------------------------------------------------------------------------------------
+# Bad arguments: one "error: " line that says what is wrong and what to do, never a traceback
+# ------------------------------------------------------------------------------------------------
+
+BAD_ARGS = [  # (argv: {runs} the tiny runs, {tmp} a folder with empty/, a file and cut/; the message)
+    (["eval", "{runs}/mac", "--device", "cuda"], r"--device cuda, but torch.cuda.is_available\(\) is False"),
+    (["eval", "{runs}/mac", "--device", "mps"], r"--device mps, but torch.backends.mps.is_available\(\) is False"),
+    (["eval", "{tmp}/absent"], "no checkpoint at .*absent: pass a run directory"),
+    (["eval", "{tmp}/empty"], "empty is a directory without a best.pt"),
+    (["eval", "{runs}/mac", "--halt", "mask"], "--halt is for DACT runs; .* is a 'mac' run without a wrapper: drop"),
+    (["eval", "{runs}/gt", "--halt", "compact"], "is a 'stack_nmn' run without a wrapper: drop --halt"),
+    (["eval", "{runs}/mac", "--batch-size", "0"], "--batch-size 0 is out of range: pass a number of at least 1"),
+    (["eval", "{runs}/mac", "--batch-size", "-3"], "--batch-size -3 is out of range"),
+    (["eval", "{runs}/mac", "--json", "{tmp}"], "--json .* is a folder: pass a file name"),
+    (["stack-figure", "{runs}/gt", "--index", "100000"], r"--index 100000 is out of range: .* has \d+ questions; "
+                                                         r"pass 0 to \d+"),
+    (["stack-figure", "{runs}/gt", "--index", "-1"], "--index -1 is out of range: pass a number of at least 0"),
+    (["stack-figure", "{runs}/mac"], "holds a 'mac' model, not 'stack_nmn' or 'lnmn'"),
+    (["stack-figure", "{tmp}/empty"], "empty is a directory without a best.pt"),
+    (["lnmn", "{runs}/gt"], "holds a 'stack_nmn' model, not 'lnmn'"),
+    (["lnmn", "{runs}/lnmn", "--max-batches", "-1"], "--max-batches -1 is out of range"),
+    (["lnmn", "{runs}/lnmn", "--threads", "-1"], "--threads -1 is out of range"),
+    (["lnmn", "{runs}/lnmn", "--out", "{tmp}/file"], "--out .*file is a file: pass a folder name"),
+    (["dact-plot", "{runs}/dact", "--question", "100000"], "--question 100000 is out of range: .* pass 0 to"),
+    (["dact-plot", "{runs}/dact", "--question", "-1"], "--question -1 is out of range"),
+    (["dact-plot", "{tmp}/empty"], "empty is not a run directory of train.py \\(no run.json\\)"),
+    (["dact-plot", "{runs}/dact/best.pt"], "best.pt is not a run directory of train.py"),
+    (["dact-plot", "{tmp}/cut"], "cut: run.json or metrics.jsonl is not what train.py writes .*delete a last line"),
+    (["dact-plot", "{runs}/dact", "--out", "{tmp}/file"], "--out .*file is a file: pass a folder name"),
+]
+
+
+@pytest.mark.robustness
+@pytest.mark.parametrize("argv, message", BAD_ARGS, ids=[" ".join(a) for a, _ in BAD_ARGS])
+def test_bad_arguments_give_an_error(argv, message, runs, tiny_data, tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    monkeypatch.setattr(analyze, "pyplot", lambda: object())  # dact-plot checks everything before it draws
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "file").write_text("")
+    (tmp_path / "cut").mkdir()
+    (tmp_path / "cut" / "run.json").write_text((runs / "dact" / "run.json").read_text())
+    (tmp_path / "cut" / "metrics.jsonl").write_text('{"split": "val", "acc": 0.5}\n{"split": "va')  # a crash
+    argv = [a.format(runs=runs, tmp=tmp_path) for a in argv] + ["--data", str(tiny_data)]
+    with pytest.raises(SystemExit, match=message) as err:
+        analyze.main(argv)
+    assert str(err.value).startswith("error: ")
+
+
+def altered(ckpt):
+    """Checkpoint changes that no longer fit the model their config builds, or are not train.py's."""
+    config = json.loads(json.dumps(ckpt["config"]))
+    config["model"]["dim"] *= 2
+    return [(dict(config=config), "does not fit the mac model built from its own config .*size mismatch"),
+            (dict(ema={}), "does not fit the mac model .*Missing key"),
+            (dict(config=None), "does not fit the mac model"),
+            (dict(wrapper_name="dact"), "does not fit the mac model .*DACT"),
+            (dict(model_name=["mac"]), "model '\\['mac'\\]', which train.py does not know"),
+            (dict(data_dir=3), "is not a checkpoint train.py wrote")]
+
+
+@pytest.mark.robustness
+def test_an_altered_checkpoint_gives_an_error(runs, tmp_path):
+    ckpt = torch.load(runs / "mac" / "best.pt", map_location="cpu", weights_only=True)
+    ckpt.pop("digest")
+    for change, message in altered(ckpt):
+        torch.save({**ckpt, **change}, tmp_path / "odd.pt")
+        with pytest.raises(SystemExit, match=message):
+            analyze.main(["eval", str(tmp_path / "odd.pt")])

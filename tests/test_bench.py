@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 import bench
 import train
@@ -86,3 +87,53 @@ def test_dact_compares_mac_compact_and_mask(dact_run, tiny_data, tmp_path):
     assert res["dact"]["questions"] == 32
     with pytest.raises(SystemExit, match="is not a DACT run"):
         bench.main(["dact", "--init", str(dact_run / "mac"), "--json", os.devnull])
+
+
+# ------------------------------------------------------------------------------------------------
+# Bad arguments: one "error: " line that says what is wrong and what to do, never a traceback
+# ------------------------------------------------------------------------------------------------
+
+BAD_ARGS = [  # (argv: {runs} the MAC and DACT runs, {tmp} a folder holding empty/; the message)
+    (["topo", "--device", "cuda"], r"--device cuda, but torch.cuda.is_available\(\) is False \(use --device cpu\)"),
+    (["--device", "mps"], r"--device mps, but torch.backends.mps.is_available\(\) is False"),
+    (["topo", "--batch-sizes", "1", "0"], "--batch-sizes 0 is out of range: pass a number of at least 1"),
+    (["topo", "--batch-sizes", "-2"], "--batch-sizes -2 is out of range"),
+    (["topo", "--repeats", "0"], "--repeats 0 is out of range: pass a number of at least 1"),
+    (["topo", "--channels", "0"], "--channels 0 is out of range"),
+    (["topo", "--size", "0"], "--size 0 is out of range"),
+    (["topo", "--num-images", "0"], "--num-images 0 is out of range"),
+    (["topo", "--seed", "-1"], "--seed -1 is out of range: pass a number of at least 0"),
+    (["topo", "--threads", "-1"], "--threads -1 is out of range: pass a number of at least 0"),
+    (["--quick", "--threads", "-1"], "--threads -1 is out of range"),
+    (["dact", "--batch-size", "0"], "--batch-size 0 is out of range: pass a number of at least 1"),
+    (["dact", "--repeats", "0"], "--repeats 0 is out of range"),
+    (["dact", "--limit", "-1"], "--limit -1 is out of range: pass a number of at least 0"),
+    (["train", "--batch-size", "-1"], "--batch-size -1 is out of range: pass a number of at least 0"),
+    (["train", "--repeats", "0"], "--repeats 0 is out of range"),
+    (["topo", "--json", "{tmp}"], "--json .* is a folder: pass a file name"),
+    (["dact", "--init", "{tmp}/absent"], "no checkpoint at .*absent"),
+    (["dact", "--init", "{tmp}/empty"], "empty is a directory without a best.pt"),
+    (["dact", "--init", "{runs}/mac"], "mac is not a DACT run: it is a 'mac' run without a wrapper; pass a run of"),
+    (["dact", "--init", "{runs}/dact", "--mac", "{runs}/dact"], "--mac takes a run of fixed steps; .* is a 'mac' run "
+                                                                "in 'dact': pass the run without a wrapper"),
+]
+
+
+@pytest.mark.robustness
+@pytest.mark.parametrize("argv, message", BAD_ARGS, ids=[" ".join(a) for a, _ in BAD_ARGS])
+def test_bad_arguments_give_an_error(argv, message, dact_run, tiny_data, tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    monkeypatch.setenv("MINI_CLEVR_CACHE", str(tiny_data.parents[1]))  # --quick: the tiny data, made already
+    (tmp_path / "empty").mkdir()
+    argv = [a.format(runs=dact_run, tmp=tmp_path) for a in argv] + ["--quick"]
+    with pytest.raises(SystemExit, match=message) as err:
+        bench.main(argv + ([] if "--json" in argv else ["--json", os.devnull]))
+    assert str(err.value).startswith("error: ")
+
+
+def test_timed_runs_at_least_once():
+    """A budget spent before the first run (--budget-s 0) still times one run, after the warm-up."""
+    calls = []
+    ms, result = bench.timed(lambda: calls.append(1) or len(calls), torch.device("cpu"), repeats=5, budget_s=0)
+    assert len(calls) == 2 and result == 2 and ms >= 0
