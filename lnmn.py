@@ -15,6 +15,8 @@ is a tool outside this file (`python analyze.py lnmn`):
     python train.py lnmn [--modules 9|11|14]     # weights on training batches, alphas on a held-out slice
     python train.py lnmn --cells stack           # not in the paper: Stack-NMN's modules as fixed cells
     python train.py lnmn --compare pooled        # not in the paper: 4-input answer cells = Stack-NMN's Compare
+    python train.py lnmn --no-push-fix --entropy-scale paper --alpha-init-std 1 --weight-init lnmn_code \
+        --lambda-w-curve code                    # the paper's stack rule and entropy term, the official inits and curve
     python analyze.py lnmn RUN [--max-batches N] [--out DIR]
         # Fig. 3 (alpha heat map), Table 6 (expressions), Table 7 (operator ablation), Table 2 (hard-max)
     python lnmn.py                               # smoke run
@@ -56,16 +58,32 @@ class LNMNConfig:
     sharpen: Literal["hard", "soft"] = "soft"  # Algorithm 1 and official code: p = softmax(sum_m w_m p_m / 0.2)
     sharpen_temp: float = 0.2  # official code: temperature 0.2
     output_dropout: float = 0.15  # Stack-NMN: output unit dropout
-    entropy_weight: float = 1e-2  # official code: CE - lambda_w * 1e-2 * H(w(t))
+    entropy_weight: float = 1e-2  # official code reg_coeff: the weight of entropy_scale mean and batch_sum
+    # NOTE (deviation): the w(t) entropy term is -lambda_w x scale x H, H = 1/T sum_t H(w_b(t)) of example b:
+    #   "mean"       entropy_weight x the batch mean of H (this code);
+    #   "batch_sum"  entropy_weight x the batch sum of H (official train.py: CE_mean - coeff 1e-2 imp_loss.sum());
+    #   "paper"      the batch mean of H, no weight (Algorithm 2: lambda_w / T sum_t H per example, as the CE)
+    entropy_scale: Literal["mean", "batch_sum", "paper"] = "mean"  # w(t)'s entropy term: this code's, official, paper's
     entropy_switch: float = 2 / 3  # Sec. 3.2: lambda_w 1 -> 0 over 20 epochs, then -> -1 over the next 10
+    # "paper": Sec. 3.2's straight lines (entropy_switch); "code": official train.py's get_entropy_coeff,
+    # 1 -> 0.22 at epoch 19 -> 0 near 20.8 -> -1 at 29, its epochs laid over the run as LNMN.lambda_w says
+    lambda_w_curve: Literal["paper", "code"] = "paper"  # lambda_w over the run: the paper's lines or the official curve
     op_weight: float = 1.0  # Sec. 4: lambda_op of the l2/l1 sparsity term on softmax(alpha)
     arch_lr: float = 3e-4  # Sec. 4: Adam for alpha
     arch_wd: float = 1e-3  # Sec. 4: weight decay for alpha, betas (0.5, 0.999)
     held_out: float = 0.1  # NOTE (deviation): share of the TRAINING questions for the alpha steps (official: val)
     held_out_seed: int = 0  # which training questions are held out
-    push_fix: bool = True  # NOTE (deviation): 3-input attention cells push (the official code never pushes)
+    # NOTE (deviation: this code's change of the paper's stack rule): a 3-input attention cell reads the top map
+    # without popping it and pushes its output. --no-push-fix: the paper's rule (Sec. 2.2, 3.1; official code),
+    # pop then push, so the pointer stays and the output replaces the map it read (a single-register stack)
+    push_fix: bool = True  # this code's rule, 3-input attention cells push; --no-push-fix: the paper's pop-then-push
     norm_fix: bool = True  # NOTE (deviation): 4-input cells merge their maps without the L2 norm (official: sign)
     node_norm: bool = True  # NOTE (deviation from Sec. 3.1's O, which has no norm): official code, L2 over channels
+    alpha_init_std: float = 1e-3  # NOTE (deviation): alpha ~ N(0, std^2), 1e-3 as DARTS; official cell.py: N(0, 1)
+    # NOTE (deviation): "tf", Stack-NMN's TF init (stack_nmn.tf_init); "lnmn_code", the official LNMN code's
+    # (model.py, cell.py reset_params): Xavier-normal linears, zero biases; Xavier-uniform 1x1 convs, biases
+    # N(0, 1); Xavier-normal LSTM weights, zero biases; c_0 ~ N(0, 1) (lnmn_code_init)
+    weight_init: Literal["tf", "lnmn_code"] = "tf"  # Stack-NMN's TF init, or the official LNMN code's
     cells: Literal["learned", "stack"] = "learned"  # NOTE (not in the paper): "stack" fixes the cells to STACK_CELLS
     arch_warmup: float = 0.0  # NOTE (not in the paper): share of the run before the first alpha step (DARTS-style)
     compare: Literal["cell", "pooled"] = "cell"  # NOTE (not in the paper): "pooled": Ans4 cells = Stack-NMN's Compare
@@ -133,8 +151,8 @@ class Cell(nn.Module):
         self.kind, self.inputs, self.norm = kind, inputs, cfg.node_norm
         self.pooled = kind == "ans" and inputs == 4 and cfg.compare == "pooled"  # beyond the paper: pooled_compare
         self.merge_norm = cfg.node_norm and not cfg.norm_fix
-        # NOTE (deviation): alphas start near uniform, N(0, 1e-3), as DARTS (the official code: N(0, 1))
-        self.alpha = nn.Parameter(1e-3 * torch.randn(inputs - 1, len(OPS)), requires_grad=not self.pooled)
+        # alpha ~ N(0, alpha_init_std^2): 1e-3 as DARTS by default, the official code's N(0, 1) with 1.0
+        self.alpha = nn.Parameter(cfg.alpha_init_std * torch.randn(inputs - 1, len(OPS)), requires_grad=not self.pooled)
         d = cfg.map_dim
         self.out = nn.Linear(d, 1) if kind == "attn" else nn.Linear(d + d + cfg.mem_dim, cfg.mem_dim)
 
@@ -221,11 +239,12 @@ def par(s):
 # ----------------------------------------------------------------------------- the model (Sec. 3.2)
 
 class CellModules(nn.Module):
-    """NoOp + the cells of Table 3. Stack use (Sec. 2.2): attention 3-input reads the top map and pushes
-    its output (push_fix; the official code writes over the top map and keeps the pointer: no cell ever
-    pushes), attention 4-input pops two and pushes one, answer cells pop the one or two maps they read
-    (official code; Stack-NMN's describe modules keep the stack). Only answer cells output memory:
-    f_mem = sum_{m in ans} w_m o_m (Sec. 2.3), so NoOp, unlike Stack-NMN's, does not carry it over."""
+    """NoOp + the cells of Table 3. Stack use (Sec. 2.2), in `forward`: attention 3-input reads the top map
+    and, by the rule of `push_fix`, either pushes its output (this code's default) or replaces the map it
+    read (the paper's pop-then-push: the pointer stays), attention 4-input pops two and pushes one, answer
+    cells pop the one or two maps they read (official code; Stack-NMN's describe modules keep the stack).
+    Only answer cells output memory: f_mem = sum_{m in ans} w_m o_m (Sec. 2.3), so NoOp, unlike
+    Stack-NMN's, does not carry it over."""
 
     def __init__(self, cfg):
         super().__init__()
@@ -261,7 +280,7 @@ class CellModules(nn.Module):
         for cell, y in zip(self.cells, ys):
             if cell.kind == "ans":                                       # Sec. 2.2: pops what it read
                 out.append((A, p_pop if cell.inputs == 3 else pop(p_pop), y))
-            elif cell.inputs == 3:
+            elif cell.inputs == 3:  # push_fix: read, push (this code); else pop, push (paper): written where it read
                 q = push(p) if self.cfg.push_fix else p
                 out.append((write(A, q, y), q, zero))
             else:                                                        # Sec. 2.2: pops 2, pushes 1
@@ -271,9 +290,14 @@ class CellModules(nn.Module):
 
 class LNMN(stack_nmn.StackNMN):
     """Sec. 3.2: Stack-NMN (its input unit, controller, stack with soft execution and output unit) with
-    CellModules as its modules. forward -> log_probs (B, A), aux_loss = -lambda_w 1e-2 mean_t H(w(t)) for
-    the weights, arch_loss = -lambda_op sum_{m,k} ||softmax(alpha)||_2 / ||softmax(alpha)||_1 for the
-    alphas (Algorithm 2); the trainer takes the alpha step through `arch_step`."""
+    CellModules as its modules. forward -> log_probs (B, A), aux_loss = -lambda_w x scale x H(w(t)) for
+    the weights (entropy_term), arch_loss = -lambda_op sum_{m,k} ||softmax(alpha)||_2 / ||softmax(alpha)||_1
+    for the alphas (Algorithm 2); the trainer takes the alpha step through `arch_step`."""
+
+    def __init__(self, cfg, info):
+        super().__init__(cfg, info)                                      # Stack-NMN's TF init (weight_init tf)
+        if cfg.weight_init == "lnmn_code":
+            lnmn_code_init(self)
 
     def build_modules(self, cfg):
         bank = CellModules(cfg)
@@ -294,13 +318,24 @@ class LNMN(stack_nmn.StackNMN):
     # ---- Algorithm 2: step 1 (the weights, by the trainer) and step 2 (the alphas, arch_step)
 
     def lambda_w(self):
-        """1 -> 0 over the first entropy_switch of the run, then 0 -> -1 (Sec. 3.2, Fig. 5)."""
+        """lambda_w at this point of the run (progress p in [0, 1]). "paper" (Sec. 3.2, Fig. 5): 1 -> 0 over
+        the first entropy_switch s of the run, then 0 -> -1. "code" (official train.py, get_entropy_coeff of
+        the epoch e of 30): 1 - 2e / 49 up to e = 19 (11/49 = 0.22), then 11/49 - 6 (e - 19) / 49, 0 at
+        e = 20.83 and -1 at e = 29; here e is laid over the run as the paper's 20 + 10 epochs are (e = 20 p / s
+        up to s, then 20 + 10 (p - s) / (1 - s): e = 30 p at s = 2/3), continuous in e where the code steps
+        once an epoch, and held at -1 from e = 29 on (the code has no epoch 30)."""
         s, p = self.cfg.entropy_switch, self.progress
-        return 1 - p / s if p < s else -(p - s) / max(1 - s, 1e-9)
+        if self.cfg.lambda_w_curve == "paper":
+            return 1 - p / s if p < s else -(p - s) / max(1 - s, 1e-9)
+        e = 20 * p / s if p < s else 20 + 10 * (p - s) / max(1 - s, 1e-9)   # the official code's epoch
+        return 1 - 2 * e / 49 if e <= 19 else max(11 / 49 - 6 * (e - 19) / 49, -1.0)
 
     def entropy_term(self, w):
-        """Algorithm 2, step 1: -lambda_w / T sum_t H(w(t)), times entropy_weight (official code); w (B, T, M)."""
-        entropy = -(w * w.clamp(min=1e-8).log()).sum(-1).mean()         # mean over t (and the batch)
+        """Algorithm 2, step 1: -lambda_w / T sum_t H(w(t)), scaled by entropy_scale (see LNMNConfig); w (B, T, M)."""
+        h = -(w * w.clamp(min=1e-8).log()).sum(-1)                      # (B, T) H(w_b(t))
+        if self.cfg.entropy_scale == "paper":                            # the batch mean of 1/T sum_t H, no weight
+            return -self.lambda_w() * h.mean()
+        entropy = h.mean() if self.cfg.entropy_scale == "mean" else h.mean(1).sum()  # batch mean or sum of H
         return -self.lambda_w() * self.cfg.entropy_weight * entropy
 
     def sparsity_term(self):
@@ -334,6 +369,27 @@ class LNMN(stack_nmn.StackNMN):
         """The training rows for the weights; the rest (held_out) are the alpha steps' batches."""
         order = np.random.default_rng(self.cfg.held_out_seed).permutation(n)
         return np.sort(order[int(round(self.cfg.held_out * n)):])
+
+
+def lnmn_code_init(model):
+    """--weight-init lnmn_code, the official LNMN code's reset_params (model.py, cell.py): Xavier-normal
+    weights and zero biases for the linears; Xavier-uniform weights and N(0, 1) biases for its 1x1 convs,
+    which are the knowledge base's two convs, conv1 and the attention cells' conv2 (nn.Linear here);
+    Xavier-normal LSTM weights, zero LSTM biases; c_0 ~ N(0, 1). The word embeddings keep N(0, 1), as
+    there; the alphas are alpha_init_std's."""
+    convs = {model.modules_.conv1, *(cell.out for cell in model.modules_.cells if cell.kind == "attn")}
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d) or m in convs:
+            nn.init.xavier_uniform_(m.weight)
+            nn.init.normal_(m.bias)
+        elif isinstance(m, nn.Linear):
+            nn.init.xavier_normal_(m.weight)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.LSTM):
+            for name, p in m.named_parameters():
+                (nn.init.zeros_ if "bias" in name else nn.init.xavier_normal_)(p)
+    nn.init.normal_(model.controller.c_0)
 
 
 Config, Model = LNMNConfig, LNMN  # names the trainer's registry looks for

@@ -1,8 +1,11 @@
 """Tests for lnmn.py: one-hot nodes, the fast node against the paper's, the fast cells against the cells
-node by node (values and gradients), the expression printer,
-inventories, the two public-code bugs as flags, no weight decay, the entropy schedule, gradients,
-overfitting, the trainer's alpha step, and the experiments beyond the paper (CPU, seconds). The
-analysis (`python analyze.py lnmn`) is tested in test_analyze.py."""
+node by node (values and gradients), the expression printer, inventories, the stack rule's and the merge
+norm's flags (the stack rule on a hand-made layout), no weight decay, the entropy term's scales and the
+lambda_w curves, the init flags' distributions, gradients, overfitting, the trainer's alpha step, and the
+experiments beyond the paper (CPU, seconds). The analysis (`python analyze.py lnmn`) is tested in
+test_analyze.py."""
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -188,7 +191,7 @@ def test_module_inventories_of_table_3(n, counts):
     assert m.controller.module_logits.out_features == n
 
 
-def test_public_code_bugs_as_flags():
+def test_stack_rule_and_merge_norm_flags():
     kb, mem, c = torch.randn(2, 36, 8), torch.randn(2, 8), torch.randn(2, 16)  # c_t: BiLSTM size (dim 16)
     A, bottom = torch.randn(2, 36, 5), F.one_hot(torch.tensor([0, 0]), 5).float()
     for fix in (False, True):
@@ -277,6 +280,98 @@ def test_entropy_coefficient_schedule():
     for p, want in ((0.0, 1.0), (1 / 3, 0.5), (2 / 3, 0.0), (5 / 6, -0.5), (1.0, -1.0)):
         m.progress = p
         assert m.lambda_w() == pytest.approx(want, abs=1e-6)
+
+
+@pytest.mark.parametrize("push_fix,pointers,answer_reads", [
+    (True, [1, 2, 3, 4, 2], (3.0, 4.0)),                       # this code: the second object's find and filter
+    (False, [0, 0, 0, 0, 0], (4.0, 4.0))])                     # the paper's pop-then-push: one register, read twice
+def test_stack_rule_on_find_filter_find_filter_answer4(push_fix, pointers, answer_reads):
+    """A hand-made layout, one module a step: Find (Attn3_0), Filter (Attn3_1), Find, Filter, then the
+    4-input answer cell. The attention cells at step t output the map t everywhere; the pointer's slot after
+    each step and the two maps (a1 under the top, a2 the top) each cell reads are recorded."""
+    m = model(push_fix=push_fix)
+    bank, B, K = m.modules_, 1, 36
+    layout = ["Attn3_0", "Attn3_1", "Attn3_0", "Attn3_1", "Ans4_7"]
+    reads, step = [], [0]
+
+    def labelled(I, a1, a2, c, mem):                           # every cell's output at this step
+        reads.append((a1[0, 0].item(), a2[0, 0].item()))
+        return [torch.full((B, K), float(step[0])) if cell.kind == "attn" else torch.zeros(B, 8) for cell in bank.cells]
+    bank.run_cells = labelled
+    A, p = torch.zeros(B, K, 5), F.one_hot(torch.tensor([0]), 5).float()  # empty, pointer at the bottom
+    kb, mem, c = torch.randn(B, K, 8), torch.zeros(B, 8), torch.randn(B, 16)
+    slots = []
+    for t, name in enumerate(layout, 1):
+        step[0] = t
+        As, ps, _ = bank(kb, A, p, mem, c)
+        A, p = As[..., bank.names.index(name)], ps[..., bank.names.index(name)]
+        assert torch.equal(p, F.one_hot(p.argmax(-1), 5).float())   # the pointer stays on one slot
+        slots.append(p.argmax().item())
+    assert slots == pointers
+    assert reads[1][1] == 1.0 and reads[3][1] == 3.0           # each Filter reads the Find before it
+    assert reads[4] == answer_reads                            # what the answer cell compares
+
+
+def test_entropy_term_under_each_scale():
+    """w(t) by hand, B = 2 examples, T = 2 steps, M = 3 modules: H = [[ln 3, 0], [ln 2, ln 3]], so the
+    per-example means over t are ln 3 / 2 and (ln 2 + ln 3) / 2, and the term is -lambda_w x scale x H."""
+    third, ln2, ln3 = 1 / 3, math.log(2), math.log(3)
+    w = torch.tensor([[[third, third, third], [1.0, 0.0, 0.0]], [[0.5, 0.5, 0.0], [third, third, third]]])
+    for progress, lam in ((0.0, 1.0), (5 / 6, -0.5)):
+        for scale, want in (("mean", 1e-2 * (2 * ln3 + ln2) / 4),      # this code: 1e-2 x the batch mean
+                            ("batch_sum", 1e-2 * (2 * ln3 + ln2) / 2),  # official: 1e-2 x the batch sum
+                            ("paper", (2 * ln3 + ln2) / 4)):           # Algorithm 2: lambda_w / T sum_t H
+            m = model(entropy_scale=scale)
+            m.progress = progress
+            assert m.entropy_term(w).item() == pytest.approx(-lam * want, rel=1e-6)
+
+
+def test_lambda_w_code_curve():
+    """The official get_entropy_coeff over the run: e = 30 p at entropy_switch 2/3 (20 epochs over the first
+    2/3, 10 over the rest as the paper's curve), 1 - 2e/49 to e = 19, then 11/49 - 6 (e - 19) / 49, and -1
+    from e = 29 on; at switch 1/2, e = 40 p up to p = 1/2, then 20 + 20 (p - 1/2)."""
+    m = model(lambda_w_curve="code")
+    for e, want in ((0, 1.0), (10, 29 / 49), (19, 11 / 49), (20, 5 / 49), (19 + 11 / 6, 0.0), (25, -25 / 49),
+                    (29, -1.0), (30, -1.0)):
+        m.progress = e / 30
+        assert m.lambda_w() == pytest.approx(want, abs=1e-9), e
+    m = model(lambda_w_curve="code", entropy_switch=0.5)
+    for p, want in ((0.25, 29 / 49), (0.5, 5 / 49), (0.75, -25 / 49)):
+        m.progress = p
+        assert m.lambda_w() == pytest.approx(want, abs=1e-9), p
+
+
+def test_init_flags_draw_the_official_distributions():
+    """alpha_init_std 1e-3 (DARTS) or 1 (official); weight_init tf (Xavier-uniform, zero biases) or
+    lnmn_code: Xavier-normal linears with zero biases, the 1x1 convs' biases N(0, 1), Xavier-normal LSTM
+    weights with zero biases, c_0 ~ N(0, 1)."""
+    sizes = dict(TINY, map_dim=64, kb_dim=64, dim=64, embed_dim=32, mem_dim=64, out_dim=64)
+    tf, code = model(**sizes), model(**sizes, weight_init="lnmn_code", alpha_init_std=1.0)
+    for m, std in ((tf, 1e-3), (code, 1.0)):                   # 19 nodes x 6 ops
+        assert 0.8 * std < torch.cat([a.flatten() for a in m.arch_parameters()]).std() < 1.2 * std
+    u = (tf.controller.u.weight, code.controller.u.weight)     # Linear(D + E, D)
+    xavier_std = math.sqrt(2 / sum(u[0].shape))
+    assert u[0].abs().max() <= math.sqrt(3) * xavier_std       # uniform within the Xavier bound
+    assert (u[1].abs() > math.sqrt(3) * xavier_std).float().mean() > 0.05  # normal: about 8% beyond it
+    for w in u:
+        assert 0.9 * xavier_std < w.std() < 1.1 * xavier_std
+    bank = code.modules_
+    convs = [code.input.kb[0], code.input.kb[2], bank.conv1, *(c.out for c in bank.cells if c.kind == "attn")]
+    assert 0.85 < torch.cat([c.bias for c in convs]).std() < 1.15  # 64 + 64 + 64 + 6 biases
+    linears = [code.controller.u, code.output[0], *(c.out for c in bank.cells if c.kind == "ans")]
+    assert all(torch.equal(x.bias, torch.zeros_like(x.bias)) for x in linears)
+    lstm = code.input.lstm
+    assert 0.9 < lstm.weight_ih_l0.std() / math.sqrt(2 / sum(lstm.weight_ih_l0.shape)) < 1.1
+    assert not lstm.bias_ih_l0.any() and tf.input.lstm.bias_ih_l0.any()  # tf keeps PyTorch's LSTM init
+    assert 0.7 < code.controller.c_0.std() < 1.3 and tf.controller.c_0.std() < 0.3  # tf: N(0, 1/E)
+    assert not any(x.bias.any() for x in (tf.input.kb[0], tf.modules_.conv1, tf.modules_.cells[0].out))  # tf: zero
+
+
+def test_the_flags_reach_the_command_line():
+    argv = ["lnmn", "--entropy-scale", "paper", "--lambda-w-curve", "code", "--no-push-fix", "--alpha-init-std",
+            "1", "--weight-init", "lnmn_code"]
+    assert train.parse_args(argv)[4]["model"] == dict(entropy_scale="paper", lambda_w_curve="code", push_fix=False,
+                                                      alpha_init_std=1.0, weight_init="lnmn_code")
 
 
 def test_shapes_finite_gradients_and_alpha_gets_only_the_arch_terms():
