@@ -384,7 +384,7 @@ def cmd_lnmn(args):
         torch.set_num_threads(args.threads)
     out = writable(args.out, "--out", folder=True)
     model, _, d, _ = load_run(args.run, args.data, models=("lnmn",), inner=True)
-    ops = importlib.import_module(train.MODELS["lnmn"]).OPS
+    ops = registered(train.MODELS, "lnmn", "model", args.run).OPS
     bank = model.modules_
     alphas = {name: cell.alpha.detach().softmax(-1)                      # not a pooled cell's: unused
               for name, cell in zip(bank.names[1:], bank.cells) if not cell.pooled}

@@ -1,6 +1,7 @@
 """Tests for analyze.py on tiny runs made here: `eval` (steps histogram, per kind and family; DACT's
 --halt), `dact-plot`, `stack-figure`, `lnmn`, and `load_run` (a run directory is its best.pt; modules come
 from train.py's registries only; a wrong or missing checkpoint gives an error that says so)."""
+import ast
 import importlib.util
 import json
 import subprocess
@@ -215,3 +216,33 @@ def test_an_altered_checkpoint_gives_an_error(runs, tmp_path):
         torch.save({**ckpt, **change}, tmp_path / "odd.pt")
         with pytest.raises(SystemExit, match=message):
             analyze.main(["eval", str(tmp_path / "odd.pt")])
+
+
+FORBIDDEN = {"__import__", "importlib.__import__", "exec", "eval", "compile", "torch.load", "pickle.load",
+             "pickle.loads", "runpy.run_path", "runpy.run_module"}  # ways to import, run or unpickle what is read
+
+
+def calls(path):
+    """(innermost enclosing function or None, the called expression, the call) for every call in a file."""
+    found = []
+
+    def visit(node, func):
+        for child in ast.iter_child_nodes(node):
+            inner = child.name if isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef)) else func
+            if isinstance(child, ast.Call):
+                found.append((inner, ast.unparse(child.func), child))
+            visit(child, inner)
+    visit(ast.parse(path.read_text()), None)
+    return found
+
+
+@pytest.mark.parametrize("name", ["analyze.py", "bench.py", "dact.py", "act.py"])
+def test_modules_are_imported_through_the_registries_only(name):
+    """A module is imported by a name only in analyze.registered, and only as train.py's registry[name]
+    (a checkpoint's or a flag's name is looked up, never imported); nothing in these files imports, runs or
+    unpickles what it reads (checkpoints are read by data.read_checkpoint, with weights_only)."""
+    for func, called, node in calls(ROOT / name):
+        if "import_module" in called or called.endswith(("spec_from_file_location", "exec_module", "load_module")):
+            assert (func, called, ast.unparse(node.args[0])) == ("registered", "importlib.import_module",
+                                                                "registry[name]"), (name, func, ast.unparse(node))
+        assert called not in FORBIDDEN, (name, func, ast.unparse(node))
