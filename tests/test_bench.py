@@ -132,6 +132,7 @@ def test_bad_arguments_give_an_error(argv, message, dact_run, tiny_data, tmp_pat
     assert str(err.value).startswith("error: ")
 
 
+@pytest.mark.robustness
 def test_timed_runs_at_least_once():
     """A budget spent before the first run (--budget-s 0) still times one run, after the warm-up."""
     calls = []
