@@ -27,10 +27,15 @@ A wrapper module (act.py, dact.py) exposes `Config` and `Model(inner_model, cfg)
 becomes a flag (`max_steps` -> `--max-steps`, bools as `--x/--no-x`), its comment becomes the help.
 
 Where each setting comes from, lowest priority first:
-    new run or --init:        Config defaults < preset < flags
+    new run:                  Config defaults < preset < flags
+    --init CKPT:              the trainer as a new run; the model (and the wrapper, where CKPT has the same
+                              one): Config defaults < CKPT's config < flags
     --resume or --eval-only:  the checkpoint's configs < flags
 A preset key that is not a Config field sets the trainer (`lr`, `batch_size`, `epochs`, ...).
 On --resume, RUN_FIELDS (e.g. --iters, --device) come from the command line, never the checkpoint.
+Every value, wherever it came from, is checked against RULES. --init refuses a checkpoint whose tensors do
+not all fit the model (other sizes, missing or extra keys; a new wrapper's own parameters, e.g. DACT's
+halting unit, excepted) unless --init-partial is given; either way the log lists what loaded.
 """
 import argparse
 import copy
@@ -87,13 +92,14 @@ class TrainConfig:
     amp: str = "off"  # autocast: bf16 (CUDA; CPU too), fp16 (CUDA, with a gradient scaler), or off
     compile: bool = False  # torch.compile the model
     resume: bool = False  # continue the run in --out from its last.pt
-    init: str = ""  # start from this checkpoint's (EMA) weights; any config of the same model
+    init: str = ""  # start from this checkpoint's (EMA) weights and its model's config (flags change it)
+    init_partial: bool = False  # with --init: start the tensors that the checkpoint does not fit from a fresh init, instead of refusing
     eval_only: bool = False  # evaluate the weights of --init or --resume on val, then exit
 
 
 # Settings of this invocation only: on --resume they come from the command line, not the checkpoint.
 RUN_FIELDS = {"out", "iters", "device", "threads", "log_every", "amp", "compile", "resume", "init",
-              "eval_only"}
+              "init_partial", "eval_only"}
 
 
 RUN_FILES = ("last.pt", "best.pt", "prev.pt", "metrics.jsonl", "run.json")  # what a run directory holds
@@ -287,8 +293,9 @@ def check_configs(cfgs, explicit, saved, path):
             fail(f"{type(cfg).__name__}.{name} = {value!r} (its default or a preset), but {name} must be {need}")
 
 
-def apply_preset(name, cfgs, modules, explicit, log, why=None):
-    """Apply preset `name` of the model (and wrapper) to cfgs {part: dataclass}, then the explicit flags."""
+def apply_preset(name, cfgs, modules, explicit, log, why=None, keep=()):
+    """Apply preset `name` of the model (and wrapper) to cfgs {part: dataclass}, then the explicit flags.
+    The parts in `keep` (those --init took from its checkpoint) take no preset values."""
     changes = []
     for part, mod in modules.items():  # the model's preset, then the wrapper's
         preset = getattr(mod, "PRESETS", {}).get(name, {}) if name != "paper" else {}
@@ -296,6 +303,8 @@ def apply_preset(name, cfgs, modules, explicit, log, why=None):
             where = part if hasattr(cfgs[part], key) else "train"
             if not hasattr(cfgs[where], key):
                 fail(f"preset '{name}' of {mod.__name__} sets '{key}', which is neither a Config nor a trainer field")
+            if where in keep:
+                continue
             paper = getattr(type(cfgs[where])(), key)  # the dataclass default, before any flag
             cfgs[where] = with_values(cfgs[where], {key: value})
             given = explicit[where].get(key)
@@ -387,20 +396,27 @@ def read_checkpoint(path, model_name, hint=""):
         fail(str(e))
 
 
-def load_weights(model, state, src_prefix, dst_prefix, log):
+def load_weights(model, state, src_prefix, dst_prefix, log, same_wrapper=True):
     """Load `state` into `model` non-strictly, and print every key that did not fit: never silently.
     The prefixes are where the inner model sits under a wrapper ("" without one), so MAC weights load
-    into MAC-in-DACT and back."""
+    into MAC-in-DACT and back. -> the keys that did not fit, less a wrapper's own keys where the checkpoint
+    has another wrapper or none (`same_wrapper` False): a new halting unit starts fresh, an old one is left out."""
+    own_wrapper = {k for k in state if not k.startswith(src_prefix)}  # the checkpoint's wrapper's keys
     state = {dst_prefix + k[len(src_prefix):] if k.startswith(src_prefix) else k: v for k, v in state.items()}
     own = model.state_dict()
     mismatched = {k: f"{k} {tuple(v.shape)} -> {tuple(own[k].shape)}" for k, v in state.items()
                   if k in own and v.shape != own[k].shape}
     state = {k: v for k, v in state.items() if k not in mismatched}
     missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [k for k in missing if k not in mismatched]
     log(f"loaded {len(state) - len(unexpected)} of {len(own)} tensors")
-    log(f"  missing keys (keep their fresh init): {', '.join(k for k in missing if k not in mismatched) or 'none'}")
+    log(f"  missing keys (keep their fresh init): {', '.join(missing) or 'none'}")
     log(f"  unexpected keys (ignored): {', '.join(unexpected) or 'none'}")
     log(f"  shape mismatches (keep their fresh init): {', '.join(mismatched.values()) or 'none'}")
+    if not same_wrapper:
+        missing = [k for k in missing if k.startswith(dst_prefix)]
+        unexpected = [k for k in unexpected if k not in own_wrapper]
+    return [*mismatched.values(), *missing, *unexpected]
 
 
 def run_info(argv, cfgs, model_name, wrapper_name, data_dir, info):
@@ -543,9 +559,15 @@ def resolve_configs(model_name, wrapper_name, model_mod, wrapper_mod, explicit, 
             dataset = data.dataset_name(cfg.data)
             if dataset.lower() in getattr(model_mod, "PRESETS", {}):
                 preset, why = dataset.lower(), f"--data is {dataset}"
-        cfgs = apply_preset(preset, cfgs, {"model": model_mod, "wrapper": wrapper_mod}, explicit, log, why)
+        same = ["wrapper"] if ckpt and wrapper_mod and ckpt["wrapper_name"] == wrapper_name else []
+        taken = {p: saved_config(ckpt, p, cfgs[p], path) for p in ["model", *same]} if ckpt else {}
+        for part, values in taken.items():  # --init: the model (and wrapper) the checkpoint holds
+            cfgs[part] = with_values(cfgs[part], values)
+        cfgs = apply_preset(preset, cfgs, {"model": model_mod, "wrapper": wrapper_mod}, explicit, log, why, taken)
         cfgs["train"] = with_values(cfgs["train"], {"preset": preset})
-        check_configs(cfgs, explicit, {}, path)
+        if taken:
+            log(f"{' and '.join(taken)} config from {path}, then the flags given")
+        check_configs(cfgs, explicit, taken, path)
         return cfgs, ckpt, path
     saved = {part: saved_config(ckpt, part, c, path) for part, c in cfgs.items() if c is not None}
     for part in saved:
@@ -687,7 +709,10 @@ class Run:
             self.resume_from(ckpt)
         elif ckpt:
             log(f"EMA weights from {path} ({' + '.join(filter(None, (ckpt['model_name'], ckpt['wrapper_name'])))}):")
-            load_weights(self.raw, ckpt["ema"], ckpt["prefix"], self.prefix, log)
+            unfit = load_weights(self.raw, ckpt["ema"], ckpt["prefix"], self.prefix, log,
+                                 ckpt["wrapper_name"] == self.wrapper_name)
+            if unfit and not self.cfg.init_partial:
+                self.refuse_partial(unfit)
         self.ema = copy.deepcopy(self.raw).requires_grad_(False)
         if self.resuming:
             self.ema.load_state_dict(ckpt["ema"])
@@ -722,6 +747,18 @@ class Run:
                      "follow, but dropout draws differ from an uninterrupted run until the epoch ends")
         self.log(f"resuming {path}: epoch {self.epoch + 1}, batch {self.pos}, iteration {self.it}, "
                  f"best val acc {self.best:.4f}")
+
+    def refuse_partial(self, unfit):
+        """--init of a checkpoint that does not fit the model: name the flags that make the difference."""
+        saved = self.ckpt["config"]
+        parts = ("model", "wrapper") if self.ckpt["wrapper_name"] == self.wrapper_name else ("model",)
+        changed = [f"--{k.replace('_', '-')} {fmt(v)}" for part in parts for k, v in self.explicit[part].items()
+                   if fmt((saved.get(part) or {}).get(k, "")) != fmt(v)]
+        cause = (f"the flags {' '.join(changed)} change the model it holds: drop them to load it whole" if changed else
+                 "its config builds another model here (written by another version of the code?)")
+        fail(f"{self.ckpt_path} does not fit this {self.name} model: {len(unfit)} tensors would keep a fresh init "
+             f"({', '.join(unfit[:4])}{', ...' if len(unfit) > 4 else ''}); {cause}. Or pass --init-partial to "
+             "start them from a fresh init")
 
     def start_dir(self):
         """The run directory: the command line, full config, versions and git commit; then the model to run

@@ -198,12 +198,42 @@ def test_cosine_schedule_decays_to_zero_and_resumes_exactly(tiny_data, tmp_path)
 
 def test_init_into_another_config_reports_the_keys(run_dir, tiny_data, tmp_path, capsys):
     train_mac(tiny_data, tmp_path / "init", "--init", str(run_dir / "best.pt"), "--iters", "2",
-              "--max-steps", "3", "--self-attention")
+              "--max-steps", "3", "--self-attention", "--init-partial")
     text = capsys.readouterr().out
     missing = next(line for line in text.splitlines() if "missing keys" in line)
     assert "control.q_step.2.weight" in missing or not missing.endswith("none"), missing
     assert "unexpected keys (ignored): none" in text
     assert (tmp_path / "init" / "last.pt").exists()
+
+
+def test_init_takes_the_model_config_from_the_checkpoint(run_dir, tiny_data, tmp_path, monkeypatch, capsys):
+    # run_dir's MAC has TINY's sizes; neither --data's paper sizes nor the laptop preset may replace them
+    monkeypatch.setattr(data, "ensure_builtin", lambda tiny=False, log=print: tiny_data)
+    for argv in (["--data", str(tiny_data)], ["--preset", "laptop"]):
+        out = tmp_path / argv[0][2:]
+        train.main(["mac", "dact", *argv, "--out", str(out), "--init", str(run_dir / "best.pt"), "--iters", "1",
+                    "--batch-size", "16", "--threads", "1"])
+        text = capsys.readouterr().out
+        assert f"loaded {len(load(run_dir / 'best.pt')['ema'])} of" in text and "shape mismatches (keep their fresh init): none" in text
+        cfg = load(out / "last.pt")["config"]
+        assert cfg["model"] == load(run_dir / "best.pt")["config"]["model"]  # defaults < checkpoint's config
+        assert cfg["train"]["lr"] == (2e-3 if argv[0] == "--preset" else 1e-4)  # the trainer: defaults < preset
+    train_mac(tiny_data, tmp_path / "flags", "--init", str(run_dir / "best.pt"), "--iters", "1", "--memory-dropout", "0.5")
+    assert load(tmp_path / "flags" / "last.pt")["config"]["model"]["memory_dropout"] == 0.5  # < flags
+    train_mac(tiny_data, tmp_path / "unwrapped", "--init", str(tmp_path / "data" / "last.pt"), "--iters", "1")
+    assert "unexpected keys (ignored): halting_unit.weight, halting_unit.bias" in capsys.readouterr().out  # DACT's own
+
+
+@pytest.mark.parametrize("flags, named", [
+    (["--dim", "32"], "the flags --dim 32 change the model it holds"),  # shape mismatches
+    (["--max-steps", "3"], "the flags --max-steps 3 change the model it holds"),  # missing keys
+    (["--max-steps", "1"], "the flags --max-steps 1 change the model it holds"),  # keys left out
+])
+def test_init_refuses_a_checkpoint_that_does_not_fit(run_dir, tiny_data, tmp_path, flags, named):
+    msg = error_of(["mac", "--data", str(tiny_data), "--out", str(tmp_path / "run"), *TINY, *flags,
+                    "--init", str(run_dir / "best.pt"), "--iters", "1"])
+    assert f"{run_dir / 'best.pt'} does not fit this mac model" in msg and named in msg
+    assert "--init-partial" in msg and not (tmp_path / "run").exists()
 
 
 def test_eval_only_evaluates_a_checkpoint(run_dir, tiny_data, capsys):
