@@ -21,7 +21,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from data import ATTR_ORDER, ATTRIBUTES, RELATIONS, IllPosed, execute
+from data import ATTR_ORDER, ATTRIBUTES, RELATIONS, DataError, IllPosed, execute
 
 # Bumped whenever the built-in data changes, here or in how prepare.py prepares it (3: scene-CNN
 # predictions as features); data.builtin_dir names its cache folder after it.
@@ -446,11 +446,36 @@ def write_png(path, rgb):
     Path(path).write_bytes(png + chunk(b"IDAT", zlib.compress(raw, 6)) + chunk(b"IEND", b""))
 
 
+# What generate can honour: size -> (lowest, highest or None, why), checked before anything is written
+LIMITS = {
+    "train_images": (16, None, "preview.png shows the first 16"),
+    "val_images": (1, None, "the val split needs an image"),
+    "questions_per_image": (1, 3 * len(FAMILIES), f"at most 3 tries of each of the {len(FAMILIES)} question "
+                                                  "families per image; near the top, images get fewer"),
+    "image_size": (8, None, "the scene CNN's features have one cell per 8 x 8 pixels"),
+    # sample_scene places objects by rejection: 12 objects took about 0.16 s a scene, 15 none in 20 s
+    "max_objects": (3, 10, "a scene has 3 objects at least; past 10, placing them apart slows sharply"),
+}
+
+
+def check_sizes(cfg, seed=0):
+    """A DataError, naming the command-line flag and its valid range, for a size generate cannot honour."""
+    for key, (low, high, why) in LIMITS.items():
+        v = cfg[key]
+        if type(v) is not int or v < low or (high is not None and v > high) or (key == "image_size" and v % 8):
+            valid = f"from {low} to {high}" if high is not None else f"{low} or more"
+            valid = f"a multiple of 8, {valid}" if key == "image_size" else valid
+            raise DataError(f"--{key.replace('_', '-')} {v}: must be {valid} ({why})")
+    if type(seed) is not int or seed < 0:
+        raise DataError(f"--seed {seed}: must be 0 or more")
+
+
 def generate(out, tiny=False, seed=0, log=print, **sizes):
     """Write the built-in mini-CLEVR in CLEVR's layout: questions/ and scenes/ as in the release,
     images/{split}.h5 (dataset `images`, (N, S, S, 3) uint8: no image library needed) and a
-    preview.png of the first training images."""
-    cfg = dict(BUILTIN["tiny" if tiny else "default"], **{k: v for k, v in sizes.items() if v})
+    preview.png of the first training images. `sizes` (None: the built-in's) must be in LIMITS."""
+    cfg = dict(BUILTIN["tiny" if tiny else "default"], **{k: v for k, v in sizes.items() if v is not None})
+    check_sizes(cfg, seed)
     out = Path(out)
     for sub in ("questions", "scenes", "images"):
         (out / sub).mkdir(parents=True, exist_ok=True)

@@ -35,7 +35,7 @@ import torch
 
 import mini_clevr
 from data import (ATTR_ORDER, ATTRIBUTES, END, SPECIALS, START, UNK, DataError, check_all_or_none, check_features,
-                  check_questions, ensure_builtin, list_to_prefix, load_json, load_vocab, node_token, resolve,
+                  check_questions, ensure_builtin, first_line, list_to_prefix, load_json, load_vocab, node_token, resolve,
                   staging_dir, tokenize)
 
 # ------------------------------------------------------------------------------------------------
@@ -166,8 +166,28 @@ def read_rgb(path):
         from PIL import Image
     except ImportError:
         raise DataError("reading CLEVR's PNG images needs Pillow: pip install pillow") from None
-    with Image.open(path) as im:
-        return np.asarray(im.convert("RGB"))
+    try:
+        with Image.open(path) as im:
+            return np.asarray(im.convert("RGB"))
+    except Exception as e:  # Pillow raises OSError, SyntaxError, zlib.error, ... for a damaged file
+        raise DataError(f"{path}: not a readable image ({first_line(e)}); download or unzip CLEVR's images "
+                        "again") from None
+
+
+def _check_builtin_images(path, num_images):
+    """images/{split}.h5 of a generated folder: a dataset `images` (N, S, S, 3) uint8 with a row for every
+    image the questions name, or a DataError that says so."""
+    again = "generate the folder again (python prepare.py generate)"
+    try:
+        f = h5py.File(path, "r")
+    except OSError as e:
+        raise DataError(f"{path}: not a readable h5 file ({first_line(e)}); {again}") from None
+    with f:
+        d = f.get("images")
+        if not isinstance(d, h5py.Dataset) or d.ndim != 4 or d.shape[3] != 3 or d.dtype != np.uint8 or len(d) < num_images:
+            found = f"'images' {d.shape} {d.dtype}" if isinstance(d, h5py.Dataset) else f"datasets {list(f.keys())}"
+            raise DataError(f"{path}: expected a dataset 'images' (N, S, S, 3) uint8 with N >= {num_images} (the "
+                            f"images its questions name), found {found}; {again}")
 
 
 def prepare_pixels(clevr_dir, split, num_images, size, path, log=print):
@@ -177,6 +197,7 @@ def prepare_pixels(clevr_dir, split, num_images, size, path, log=print):
     with h5py.File(path, "w") as out:
         dset = out.create_dataset("images", (num_images, 3, size, size), dtype=np.uint8)
         if src.exists():
+            _check_builtin_images(src, num_images)
             with h5py.File(src, "r") as f:
                 for i in range(0, num_images, 1024):
                     dset[i:i + 1024] = _resize(f["images"][i:i + 1024], size)
@@ -201,6 +222,9 @@ def prepare_pixels(clevr_dir, split, num_images, size, path, log=print):
 def prepare_clevr(clevr_dir, out, images="pixels", size=64, vocab=None, features_dir=None, log=print):
     """CLEVR layout -> prepared directory (vocab.json, info.json, questions and images h5)."""
     clevr_dir, out = Path(clevr_dir), Path(out)
+    if type(size) is not int or size < 1 or (images == "scene-cnn" and size % 8):
+        raise DataError(f"--size {size}: must be 1 or more" + (", a multiple of 8 (the scene CNN's features have "
+                                                               "one cell per 8 x 8 pixels)" if images == "scene-cnn" else ""))
     if not (clevr_dir / "questions").is_dir():
         raise DataError(f"{clevr_dir}: no questions/ folder; expected the CLEVR_v1.0 layout "
                         f"(images/, questions/, scenes/)")
@@ -769,7 +793,7 @@ def main(argv=None):
             if args.out is None:
                 print(ensure_builtin(args.tiny))
                 return
-            sizes = {k: getattr(args, k) for k in ("train_images", "val_images", "questions_per_image", "image_size")}
+            sizes = {k: getattr(args, k) for k in mini_clevr.LIMITS}
             mini_clevr.generate(args.out, tiny=args.tiny, seed=args.seed, **sizes)
             size = args.image_size or mini_clevr.BUILTIN["tiny" if args.tiny else "default"]["image_size"]
             prepare_clevr(args.out, Path(args.out) / "prepared", images="scene-cnn", size=size)

@@ -7,7 +7,9 @@ import json
 import os
 import shutil
 import socket
+import sys
 import tempfile
+import types
 from pathlib import Path
 
 import h5py
@@ -371,3 +373,62 @@ def test_ensure_builtin_removes_a_killed_generation(tiny_data, monkeypatch):
     (stale / "questions").mkdir(parents=True)
     monkeypatch.setenv("MINI_CLEVR_CACHE", str(cache))
     assert data.ensure_builtin(tiny=True, **QUIET) == tiny_data and not stale.exists()
+
+
+# ----------------------------------------------------------------------------------------------------
+# prepare.py generate: sizes the generator cannot honour; damaged images
+
+@pytest.mark.parametrize("flags, message", [
+    (["--image-size", "20"], "--image-size 20: must be a multiple of 8, 8 or more (the scene CNN's features"),
+    (["--train-images", "2"], "--train-images 2: must be 16 or more (preview.png shows the first 16)"),
+    (["--train-images", "0"], "--train-images 0: must be 16 or more"),  # 0 was taken as the default
+    (["--val-images", "-1"], "--val-images -1: must be 1 or more"),
+    (["--questions-per-image", "82"], "--questions-per-image 82: must be from 1 to 81"),
+    (["--max-objects", "2"], "--max-objects 2: must be from 3 to 10"),
+    (["--max-objects", "11"], "--max-objects 11: must be from 3 to 10"),
+    (["--seed", "-1"], "--seed -1: must be 0 or more"),
+])
+def test_generate_refuses_sizes_it_cannot_honour_before_writing(tmp_path, flags, message):
+    with pytest.raises(SystemExit) as e:
+        prepare.main(["generate", "--tiny", "--out", str(tmp_path / "g"), *flags])
+    assert str(e.value.code).startswith(f"error: {message}") and not (tmp_path / "g").exists()
+
+
+def test_a_scene_cnn_size_that_is_no_multiple_of_8(tiny_clevr, tmp_path):
+    with pytest.raises(data.DataError, match=r"--size 20: must be 1 or more, a multiple of 8"):
+        prepare.prepare_clevr(tiny_clevr, tmp_path / "out", images="scene-cnn", size=20, **QUIET)
+
+
+def write_h5(path, **arrays):
+    with h5py.File(path, "w") as f:
+        for name, a in arrays.items():
+            f.create_dataset(name, data=a)
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda p: p.write_bytes(b"not h5"), "not a readable h5 file (OSError: "),
+    (lambda p: write_h5(p), "found datasets []"),
+    (lambda p: write_h5(p, images=np.zeros((3, 32, 32, 3), np.uint8)),
+     "with N >= 16 (the images its questions name), found 'images' (3, 32, 32, 3) uint8"),
+    (lambda p: write_h5(p, images=np.zeros((16, 3, 32, 32), np.float32)), "found 'images' (16, 3, 32, 32) float32"),
+], ids=["not-h5", "empty", "too-few", "layout"])
+def test_a_bad_generated_image_file_is_named(tiny_clevr, tmp_path, damage, message):
+    source = tmp_path / "clevr"
+    shutil.copytree(tiny_clevr, source, ignore=shutil.ignore_patterns("prepared"))
+    damage(source / "images" / "val.h5")
+    with pytest.raises(data.DataError) as e:
+        prepare.prepare_clevr(source, tmp_path / "out", size=32, **QUIET)
+    assert str(e.value).startswith(f"{source / 'images' / 'val.h5'}: ") and message in str(e.value)
+    assert str(e.value).endswith("generate the folder again (python prepare.py generate)")
+
+
+def test_an_unreadable_png_is_named(tmp_path, monkeypatch):
+    class Image:  # Pillow's part that read_rgb uses, failing as on a damaged file
+        @staticmethod
+        def open(path):
+            raise OSError(f"cannot identify image file {str(path)!r}")
+    monkeypatch.setitem(sys.modules, "PIL", types.SimpleNamespace(Image=Image))
+    png = tmp_path / "CLEVR_train_000000.png"
+    png.write_bytes(b"\x89PNG garbage")
+    with pytest.raises(data.DataError, match=rf"^{png}: not a readable image \(OSError: cannot identify image file"):
+        prepare.read_rgb(png)

@@ -113,6 +113,12 @@ def test_preparing_again_replaces_the_prepared_folder_whole(tiny_clevr, tmp_path
     assert data.load_info(out)["image_shape"] == (18, 4, 4)
 
 
+def test_cli_generate_passes_max_objects_on(tmp_path, clevr_json):
+    prepare.main(["generate", "--tiny", "--out", str(tmp_path / "g"), "--max-objects", "3"])
+    for split in ("train", "val"):
+        assert {len(s["objects"]) for s in clevr_json(tmp_path / "g", split, "scenes")} == {3}  # 3 to 3 objects
+
+
 def test_scene_cnn_targets_put_each_object_in_its_cell():
     rng = np.random.default_rng(5)
     scenes = [mini_clevr.sample_scene(rng, i, "train", 48) for i in range(30)]
