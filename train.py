@@ -537,6 +537,8 @@ def main(argv=None):
 def resolve_configs(model_name, wrapper_name, model_mod, wrapper_mod, explicit, log):
     """-> ({"train", "model", "wrapper": config}, checkpoint or None, its path): defaults < preset < flags
     for a new run or --init; the checkpoint's configs < flags for --resume and --eval-only."""
+    if explicit["train"].get("data"):  # stored absolute: checkpoints and run.json work from any folder
+        explicit = {**explicit, "train": {**explicit["train"], "data": os.path.abspath(explicit["train"]["data"])}}
     cfg = with_values(TrainConfig(), explicit["train"])
     if cfg.eval_only and not (cfg.init or cfg.resume):
         fail("--eval-only needs the weights to evaluate: --init CKPT, or --resume --out RUN_DIR")
@@ -654,7 +656,11 @@ class Run:
 
     def open_data(self):
         cfg, ckpt = self.cfg, self.ckpt
-        self.data_dir = Path(cfg.data) if cfg.data else data.ensure_builtin(log=self.log)
+        if cfg.data and "data" not in self.explicit["train"] and not Path(cfg.data).exists():  # from the checkpoint
+            where = "" if Path(cfg.data).is_absolute() else " (a path relative to the folder the run started in)"
+            fail(f"{self.ckpt_path} was trained on the data in {cfg.data}{where}, which is not there: pass --data "
+                 "with the folder that holds that data now")
+        self.data_dir = Path(os.path.abspath(cfg.data or data.ensure_builtin(log=self.log)))
         self.info = data.load_info(self.data_dir)
         if ckpt and ckpt["vocab_hash"] != self.info["vocab_hash"]:
             fail(f"checkpoint {self.ckpt_path} was trained on data with vocabulary {ckpt['vocab_hash']} "

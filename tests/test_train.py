@@ -236,6 +236,16 @@ def test_init_refuses_a_checkpoint_that_does_not_fit(run_dir, tiny_data, tmp_pat
     assert "--init-partial" in msg and not (tmp_path / "run").exists()
 
 
+def test_the_data_path_is_stored_absolute_so_a_run_resumes_from_any_folder(tiny_data, tmp_path, monkeypatch):
+    monkeypatch.chdir(tiny_data.parent)
+    train.main(["mac", "--data", tiny_data.name, "--out", str(tmp_path / "run"), *TINY, "--iters", "2"])
+    ckpt = load(tmp_path / "run" / "last.pt")
+    assert ckpt["data_dir"] == ckpt["config"]["train"]["data"] == str(tiny_data)  # not "prepared" as typed
+    monkeypatch.chdir(tmp_path)  # another folder: the same data, not the built-in one
+    train.main(["mac", "--out", str(tmp_path / "run"), "--resume", "--iters", "3"])
+    assert load(tmp_path / "run" / "last.pt")["iter"] == 3
+
+
 def test_eval_only_evaluates_a_checkpoint(run_dir, tiny_data, capsys):
     rec = train.main(["mac", "--init", str(run_dir / "best.pt"), "--eval-only", "--data", str(tiny_data)])
     assert rec["acc"] == pytest.approx(load(run_dir / "best.pt")["val_acc"])

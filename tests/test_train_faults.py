@@ -282,6 +282,17 @@ def test_a_nan_or_inf_loss_stops_with_a_usable_last_checkpoint(tiny_data, tmp_pa
     assert load(tmp_path / "run" / "last.pt")["iter"] == 7
 
 
+def test_a_run_whose_data_is_gone_says_to_pass_data(tiny_data, tmp_path, monkeypatch):
+    import shutil
+    shutil.copytree(tiny_data, tmp_path / "data")
+    monkeypatch.chdir(tmp_path)
+    train_mac("data", tmp_path / "run", "--iters", "2")  # --data as typed: relative
+    shutil.rmtree(tmp_path / "data")
+    msg = error_of(["mac", "--out", str(tmp_path / "run"), "--resume"])
+    assert f"{tmp_path / 'run' / 'last.pt'} was trained on the data in {tmp_path / 'data'}, which is not there" in msg
+    assert "pass --data" in msg and "omit --data" not in msg  # (--data was never passed to --resume)
+
+
 def test_resuming_a_checkpoint_that_does_not_fit_its_model_says_so(ckpt_run, tmp_path):
     run = copy_run(ckpt_run, tmp_path / "run")
     ckpt = load(run / "last.pt")
