@@ -491,10 +491,21 @@ def resolve(data_dir):
     raise DataError(f"{data_dir}: not a prepared data directory; {hint}")
 
 
+def load_prepared(d):
+    """(vocab, info) of prepared directory `d`, checked: a vocab.json that is not the one the data was
+    prepared with (the hash info.json records; older directories record none) is refused."""
+    vocab, info = load_vocab(d / "vocab.json"), _read_info(d / "info.json")
+    if "vocab_hash" in info and info["vocab_hash"] != vocab_hash(vocab):
+        raise DataError(f"{d / 'vocab.json'} is vocabulary {vocab_hash(vocab)}, but the data was prepared with "
+                        f"vocabulary {info['vocab_hash']} (info.json): its word and answer indices would be wrong. "
+                        "Put back the vocab.json written with the data, or prepare the data again")
+    return vocab, info
+
+
 def load_info(data_dir):
     """What a model needs to know about the data: vocab sizes, the image kind and shape."""
     d = resolve(data_dir)
-    vocab, info = load_vocab(d / "vocab.json"), _read_info(d / "info.json")
+    vocab, info = load_prepared(d)
     split = "train" if "train" in info["images"] else next(iter(info["images"]))
     path = d / info["images"][split]
     if info["image_kind"] in ("features", "objects"):
@@ -526,10 +537,9 @@ class Split:
 
     def __init__(self, data_dir, split, max_memory=2 << 30):
         d = resolve(data_dir)
-        info = _read_info(d / "info.json")
+        vocab, info = load_prepared(d)
         if split not in info["images"]:
             raise DataError(f"{d}: no {split} split (has {', '.join(info['images'])})")
-        vocab = load_vocab(d / "vocab.json")
         q = _read_questions_h5(d / f"{split}_questions.h5", vocab)
         self.questions, self.image_idxs, self.families = q["questions"], q["image_idxs"], q["question_families"]
         n = len(self.questions)

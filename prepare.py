@@ -35,8 +35,8 @@ import torch
 
 import mini_clevr
 from data import (ATTR_ORDER, ATTRIBUTES, END, SPECIALS, START, UNK, DataError, check_all_or_none, check_features,
-                  check_questions, ensure_builtin, first_line, list_to_prefix, load_json, load_vocab, node_token, resolve,
-                  staging_dir, tokenize)
+                  check_questions, ensure_builtin, first_line, list_to_prefix, load_json, load_prepared, load_vocab, node_token, resolve,
+                  staging_dir, tokenize, vocab_hash)
 
 # ------------------------------------------------------------------------------------------------
 # A prepared directory is written whole: into a temporary folder, moved into place when complete
@@ -101,21 +101,24 @@ def build_vocab(questions):
     }
 
 
-def _encode(tokens, to_idx, unk_ok, what):
+def _encode(tokens, to_idx, unk_ok, what, fix):
     ids = [START]
     for t in tokens:
         if t not in to_idx and not unk_ok:
-            raise DataError(f"{what} token {t!r} is not in the vocabulary; if --vocab was made for another "
-                            "dataset, prepare without --vocab to build one from this train split")
+            raise DataError(f"{what} {t!r} is not in the vocabulary; {fix}")
         ids.append(to_idx.get(t, UNK))
     return ids + [END]
 
 
-def encode_questions(questions, vocab, path, tokenizer=tokenize, where=lambda i: f"question {i}"):
+def encode_questions(questions, vocab, path, tokenizer=tokenize, where=lambda i: f"question {i}", strict=False):
     """Write a clevr-iep questions h5. `programs` (prefix) and `answers` are written only when
-    every question has them (the CLEVR test split has neither). A question without words is refused;
+    every question has them (the CLEVR test split has neither). A question without words is refused,
+    and so is a program token not in `vocab`; with `strict` (a vocabulary made elsewhere, --vocab) any
+    word or answer not in it too, as clevr-iep's preprocessing does (otherwise words become <UNK>).
     where(i) names question i in the messages (e.g. `FILE: question i`)."""
     qv, pv, av = (vocab[k] for k in ("question_token_to_idx", "program_token_to_idx", "answer_token_to_idx"))
+    fix = ("if --vocab was made for other data, prepare without --vocab to build one from this train split"
+           if strict else "the vocabulary comes from the train split, which never uses it: fix or remove this question")
     has_programs = all("program" in q for q in questions)
     has_answers = all("answer" in q for q in questions)
     qs, programs = [], []
@@ -124,9 +127,11 @@ def encode_questions(questions, vocab, path, tokenizer=tokenize, where=lambda i:
             words = tokenizer(q["question"])
             if not words:  # it would train on a question of padding alone
                 raise DataError(f"{q['question'][:60]!r} has no words; fix or remove this question")
-            qs.append(_encode(words, qv, True, "question"))
+            qs.append(_encode(words, qv, not strict, "word", fix))
             if has_programs:
-                programs.append(_encode(list_to_prefix(q["program"]), pv, False, "program"))
+                programs.append(_encode(list_to_prefix(q["program"]), pv, False, "program token", fix))
+            if strict and has_answers and q["answer"] not in av:
+                raise DataError(f"answer {q['answer']!r} is not in the vocabulary; {fix}")
         except DataError as e:
             raise DataError(f"{where(i)}: {e}") from None
     unk = sum(t == UNK for q in qs for t in q) / max(sum(len(q) - 2 for q in qs), 1)
@@ -238,6 +243,7 @@ def prepare_clevr(clevr_dir, out, images="pixels", size=64, vocab=None, features
         if not isinstance(doc, dict) or not isinstance(doc.get("questions"), list):
             raise DataError(f"{path}: expected a JSON object with a 'questions' list")
         questions_of[s] = check_questions(doc["questions"], path)
+    strict = vocab is not None  # a vocabulary made elsewhere must hold every token of these questions
     if vocab is None:
         if "train" not in questions_of:
             raise DataError("no train split to build the vocabulary from; pass --vocab VOCAB_JSON")
@@ -246,11 +252,11 @@ def prepare_clevr(clevr_dir, out, images="pixels", size=64, vocab=None, features
         vocab = load_vocab(vocab)
     with staged(out, log) as tmp:
         (tmp / "vocab.json").write_text(json.dumps(vocab, indent=1))
-        info = {"image_kind": images, "images": {}, "source": str(clevr_dir.resolve())}
+        info = {"image_kind": images, "images": {}, "source": str(clevr_dir.resolve()), "vocab_hash": vocab_hash(vocab)}
         for s, questions in questions_of.items():
             source = clevr_dir / "questions" / f"CLEVR_{s}_questions.json"
             unk = encode_questions(questions, vocab, tmp / f"{s}_questions.h5",
-                                   where=lambda i: f"{source}: question {i}")
+                                   where=lambda i: f"{source}: question {i}", strict=strict)
             num_images = max(q["image_index"] for q in questions) + 1
             log(f"  {s}: {len(questions)} questions on {num_images} images, {100 * unk:.2f}% <UNK> words")
             if images in ("pixels", "scene-cnn"):
@@ -570,13 +576,14 @@ def prepare_humans(humans_dir, clevr_prepared, out, log=print):
     (--expand_vocab 1 --unk_threshold 10), which changes the embedding's size."""
     humans_dir, out = Path(humans_dir), Path(out)
     clevr = resolve(clevr_prepared)
-    vocab, cinfo = load_json(clevr / "vocab.json", "vocabulary"), load_json(clevr / "info.json", "data info")
+    vocab, cinfo = load_prepared(clevr)
     splits = {s: humans_dir / f"CLEVR-Humans-{s}.json" for s in ("train", "val", "test")}
     splits = {s: p for s, p in splits.items() if p.exists()}
     if not splits:
         raise DataError(f"{humans_dir}: no CLEVR-Humans-{{train,val,test}}.json")
     info = {k: v for k, v in cinfo.items() if k not in ("images", "source")}
-    info.update(dataset="CLEVR-Humans", images={}, source=str(humans_dir.resolve()), vocab_from=str(clevr.resolve()))
+    info.update(dataset="CLEVR-Humans", images={}, source=str(humans_dir.resolve()), vocab_from=str(clevr.resolve()),
+                vocab_hash=vocab_hash(vocab))
     qv, av, stats = vocab["question_token_to_idx"], vocab["answer_token_to_idx"], {}
     with staged(out, log) as tmp:
         for s, path in splits.items():
@@ -730,7 +737,7 @@ def prepare_gqa(gqa_dir, out=None, variant="balanced", val_split="testdev", log=
             shape = list(f["features"].shape[1:])
         info = {"dataset": "GQA", "image_kind": "objects", "images": {"train": "objects.h5", "val": "objects.h5"},
                 "feature_shape": shape, "family_names": families, "source": str(gqa_dir.resolve()),
-                "questions_from": {s: f"{a}_{b}" for s, (a, b) in sources.items()}}
+                "questions_from": {s: f"{a}_{b}" for s, (a, b) in sources.items()}, "vocab_hash": vocab_hash(vocab)}
         (tmp / "info.json").write_text(json.dumps(info, indent=1))
     log(f"prepared GQA ({variant}, val = {val_split} balanced): {len(vocab['question_token_to_idx'])} words, "
         f"{len(vocab['answer_token_to_idx'])} answers -> {out}")

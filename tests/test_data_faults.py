@@ -113,16 +113,40 @@ def test_missing_image_files_are_named(tmp_path):
         prepare_questions(tmp_path / "f", [good_question()])
 
 
-def test_a_vocabulary_from_another_dataset(tmp_path):
-    other = {"question_token_to_idx": dict(data.SPECIALS), "program_token_to_idx": dict(data.SPECIALS),
-             "answer_token_to_idx": dict(data.SPECIALS)}
-    (tmp_path / "other.json").write_text(json.dumps(other))
-    with pytest.raises(data.DataError, match=r"CLEVR_train_questions.json: question 0: program token 'count' is not in the "
-                                             r"vocabulary.*prepare without --vocab"):
+@pytest.mark.parametrize("other, missing", [
+    (good_question(question="How many blue things are there?"), "word 'red'"),
+    (good_question(answer="2"), "answer '1'"),
+    (good_question(program=[node("scene", []), node("filter_color", [0], "blue"), node("count", [1])]),
+     "program token 'filter_color[red]'"),
+], ids=["word", "answer", "program"])
+def test_a_vocabulary_from_other_data_is_refused_even_when_large_enough(tmp_path, other, missing):
+    """--vocab: every token must be in it, as in clevr-iep's preprocessing (before, words and answers not
+    in it became <UNK> without a word)."""
+    more = good_question(question="Is there a cube?", answer="yes", program=[node("scene", []), node("exist", [0])])
+    vocab = prepare.build_vocab([other, more])  # a vocabulary of other data, with more tokens than needed
+    (tmp_path / "other.json").write_text(json.dumps(vocab))
+    with pytest.raises(data.DataError) as e:
         prepare_questions(tmp_path, [good_question()], vocab=tmp_path / "other.json")
+    assert str(e.value) == (f"{tmp_path / 'questions' / 'CLEVR_train_questions.json'}: question 0: {missing} is not "
+                            "in the vocabulary; if --vocab was made for other data, prepare without --vocab to build "
+                            "one from this train split")
+
+
+def test_a_broken_vocabulary_file(tmp_path):
     (tmp_path / "broken.json").write_text(json.dumps({"question_token_to_idx": {"a": 5}}))
     with pytest.raises(data.DataError, match=r"broken.json: question_token_to_idx .* 0..n-1.*prepare the data again"):
         prepare_questions(tmp_path / "b", [good_question()], vocab=tmp_path / "broken.json")
+
+
+def test_a_vocabulary_swapped_into_a_prepared_folder_is_refused(prepared, tmp_path):
+    vocab = json.loads((prepared / "vocab.json").read_text())
+    vocab["question_token_to_idx"]["zebra"] = len(vocab["question_token_to_idx"])  # every index still fits
+    (prepared / "vocab.json").write_text(json.dumps(vocab))
+    msg = error_of(["mac", "--data", str(prepared), "--out", str(tmp_path / "run"), "--iters", "1", "--dim", "8"])
+    assert msg.startswith(f"error: {prepared / 'vocab.json'} is vocabulary {data.vocab_hash(vocab)}, but the data "
+                          "was prepared with vocabulary ") and "prepare the data again" in msg
+    with pytest.raises(data.DataError, match="is vocabulary"):
+        data.Split(prepared, "val")
 
 
 # ----------------------------------------------------------------------------------------------------
