@@ -63,14 +63,15 @@ def staged(out, log=print):
         os.replace(tmp, out)
         return
     new = sorted((p.name for p in tmp.iterdir()), key=lambda name: name == "info.json")  # info.json last
-    old = _own_files(out)
+    old, replaced = _own_files(out), (out / "info.json").exists()
     (out / "info.json").unlink(missing_ok=True)  # from here until the new info.json, `out` is not loadable
     for name in old - set(new):
         (out / name).unlink(missing_ok=True)
     for name in new:
         os.replace(tmp / name, out / name)
     tmp.rmdir()
-    log(f"  {out}: the prepared data that was there is replaced")
+    if replaced:
+        log(f"  {out}: the prepared data that was there is replaced")
 
 
 def _own_files(out):
