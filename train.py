@@ -36,6 +36,11 @@ On --resume, RUN_FIELDS (e.g. --iters, --device) come from the command line, nev
 Every value, wherever it came from, is checked against RULES. --init refuses a checkpoint whose tensors do
 not all fit the model (other sizes, missing or extra keys; a new wrapper's own parameters, e.g. DACT's
 halting unit, excepted) unless --init-partial is given; either way the log lists what loaded.
+
+The run directory (--out): run.json (command line, configs, versions, git commit; written once, by the
+first invocation), resumes.jsonl (the same record for each --resume), metrics.jsonl (a record per
+evaluation), last.pt (prev.pt: the one it replaced) and best.pt. Checkpoints and run.json are written
+atomically; a failed write (a full disk) stops the run with a message and leaves the file as it was.
 """
 import argparse
 import copy
@@ -55,7 +60,7 @@ import sys
 import time
 import types
 import typing
-from contextlib import nullcontext
+from contextlib import nullcontext, suppress
 from pathlib import Path
 
 import h5py
@@ -102,7 +107,7 @@ RUN_FIELDS = {"out", "iters", "device", "threads", "log_every", "amp", "compile"
               "init_partial", "eval_only"}
 
 
-RUN_FILES = ("last.pt", "best.pt", "prev.pt", "metrics.jsonl", "run.json")  # what a run directory holds
+RUN_FILES = ("last.pt", "best.pt", "prev.pt", "metrics.jsonl", "run.json", "resumes.jsonl")  # what a run directory holds
 
 
 def fail(msg):
@@ -358,16 +363,17 @@ def set_rng_state(st):
     random.setstate((st["python"][0], tuple(st["python"][1]), st["python"][2]))
 
 
-def save_checkpoint(path, ckpt, keep=None):
-    """Atomic: write a temp file in the same folder, flush it to disk, then rename it over `path`.
+def write_atomic(path, write, keep=None):
+    """Atomic: write(f) into a temp file in the same folder, flush it to disk, then rename it over `path`.
     `keep` (e.g. "prev.pt"): the file that `path` held is kept under this name (a hard link: no copy),
     so a checkpoint damaged later has a good predecessor. `path` always exists once written: a crash,
-    SIGKILL or failed write (disk full) at any point leaves the old `path` or the new one, never neither."""
+    SIGKILL or failed write (disk full) at any point leaves the old `path` or the new one, never neither.
+    A failed write removes its temp files and raises (OSError; torch.save's RuntimeError)."""
     tmp = path.with_name(path.name + ".tmp")
     prev_tmp = keep and path.with_name(keep + ".tmp")
     try:
         with open(tmp, "wb") as f:
-            torch.save({**ckpt, "digest": data.tensor_digest(ckpt)}, f)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         if keep and path.exists():
@@ -378,13 +384,33 @@ def save_checkpoint(path, ckpt, keep=None):
                 shutil.copyfile(path, prev_tmp)
             os.replace(prev_tmp, path.with_name(keep))
         os.replace(tmp, path)
-    except (OSError, RuntimeError) as e:  # torch.save reports a full disk as RuntimeError
+    except (OSError, RuntimeError):
         for t in (tmp, prev_tmp):
             if t:
                 t.unlink(missing_ok=True)
-        fail(f"could not write checkpoint {path} ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
-             f"{path.name} still holds the previous checkpoint, if there was one. Free disk space (or pick "
-             "another --out), then continue with --resume")
+        raise
+
+
+def save_checkpoint(path, ckpt, keep=None):
+    """torch.save `ckpt` with its tensors' digest to `path`, atomically (write_atomic)."""
+    try:
+        write_atomic(path, lambda f: torch.save({**ckpt, "digest": data.tensor_digest(ckpt)}, f), keep)
+    except (OSError, RuntimeError) as e:  # torch.save reports a full disk as RuntimeError
+        fail(f"could not write checkpoint {path} ({reason(e)}); {path.name} still holds the previous checkpoint, "
+             "if there was one. Free disk space (or pick another --out), then continue with --resume")
+
+
+def append_line(path, rec, advice):
+    """Append `rec` to the JSON-lines file `path`; a failed write (a full disk) cuts the file back to what it
+    held and stops with a message that ends with `advice`."""
+    size = path.stat().st_size if path.exists() else None
+    try:
+        with open(path, "ab") as f:
+            f.write((json.dumps(rec) + "\n").encode())
+    except OSError as e:
+        with suppress(OSError):
+            os.truncate(path, size) if size is not None else path.unlink()
+        fail(f"could not write {path} ({reason(e)}); {advice}")
 
 
 def read_checkpoint(path, model_name, hint=""):
@@ -771,22 +797,41 @@ class Run:
         (compiled, in DDP)."""
         out = self.out
         if self.rank == 0:
-            out.mkdir(parents=True, exist_ok=True)
+            try:
+                out.mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                fail(f"cannot make the run directory {out} ({reason(e)}): choose another --out")
             record = run_info(self.argv, self.cfgs, self.model_name, self.wrapper_name, self.data_dir, self.info)
-            if self.resuming and (out / "run.json").exists():  # keep the first invocation, list the resumptions
-                first = json.loads((out / "run.json").read_text())
-                record = {**first, "resumed": first.get("resumed", []) + [record]}
-            (out / "run.json").write_text(json.dumps(record, indent=2) + "\n")
+            if self.resuming:  # run.json keeps the first invocation; each later one is a line of resumes.jsonl
+                self.check_first_record()
+                append_line(out / "resumes.jsonl", record, "free disk space, then --resume again")
+            else:
+                try:
+                    write_atomic(out / "run.json", lambda f: f.write((json.dumps(record, indent=2) + "\n").encode()))
+                except OSError as e:
+                    fail(f"could not write {out / 'run.json'} ({reason(e)}): free disk space (or choose another "
+                         "--out), then run the same command again")
             self.log(f"run directory {out}")
         self.model = torch.compile(self.raw) if self.cfg.compile else self.raw
         if self.ddp:  # find_unused_parameters: PG+EE, DACT and others leave some parameters out of some batches
             self.model = torch.nn.parallel.DistributedDataParallel(
                 self.model, [self.device.index] if self.device.type == "cuda" else None, find_unused_parameters=True)
 
+    def check_first_record(self):
+        """--resume: say so if run.json, the first invocation's record, is missing or damaged (the run goes on)."""
+        path = self.out / "run.json"
+        try:
+            json.loads(path.read_text())
+        except FileNotFoundError:
+            self.log(f"note: {self.out} has no run.json (the first invocation's command line and config); this "
+                     "invocation is recorded in resumes.jsonl, the configs are in the checkpoints")
+        except (OSError, ValueError) as e:
+            self.log(f"note: {path} is damaged ({reason(e)}): the first invocation's record is lost; this "
+                     "invocation is recorded in resumes.jsonl, the configs are in the checkpoints")
+
     def write(self, rec):
         if self.rank == 0:
-            with open(self.out / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(rec) + "\n")
+            append_line(self.out / "metrics.jsonl", rec, "free disk space, then continue with --resume")
 
     def checkpoint(self, rng, val_acc, is_best=False):
         """last.pt (the one before it kept as prev.pt) and, if is_best, best.pt; every rank's RNG state."""

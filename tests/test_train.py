@@ -155,6 +155,7 @@ def test_resume_continues_exactly(tiny_data, tmp_path):
     train_mac(tiny_data, tmp_path / "cut", "--epochs", "2", "--iters", str(n + 3))  # stops inside epoch 2
     stopped = load(tmp_path / "cut" / "last.pt")
     assert (stopped["epoch"], stopped["pos"], stopped["iter"]) == (1, 3, n + 3)
+    first = (tmp_path / "cut" / "run.json").read_bytes()
     train.main(["mac", "--out", str(tmp_path / "cut"), "--resume"])  # configs come from the checkpoint
 
     a, b = load(tmp_path / "whole" / "last.pt"), load(tmp_path / "cut" / "last.pt")
@@ -165,7 +166,9 @@ def test_resume_continues_exactly(tiny_data, tmp_path):
     for i, state in a["optimizer"]["state"].items():
         assert all(torch.equal(state[k], b["optimizer"]["state"][i][k]) for k in state)
     assert a["scheduler"] == b["scheduler"]
-    assert len(json.loads((tmp_path / "cut" / "run.json").read_text())["resumed"]) == 1
+    assert (tmp_path / "cut" / "run.json").read_bytes() == first  # written once, by the first invocation
+    (resumed,) = map(json.loads, (tmp_path / "cut" / "resumes.jsonl").read_text().splitlines())
+    assert resumed["argv"][1:] == ["mac", "--out", str(tmp_path / "cut"), "--resume"] and resumed["config"]
 
 
 def test_lr_flag_on_resume_reaches_the_optimizer(tiny_data, tmp_path):

@@ -3,6 +3,9 @@ with SIGKILL and resumed, damaged checkpoints, failed writes, and checkpoints th
 
 Same tiny MAC on the tiny built-in mini-CLEVR as tests/test_train.py: the trainer is under test, not the model.
 """
+import builtins
+import errno
+import io
 import json
 import os
 import signal
@@ -260,6 +263,68 @@ def test_a_failed_write_keeps_the_previous_checkpoint(ckpt_run, tmp_path, monkey
     assert (run / "last.pt").read_bytes() == before and not list(run.glob("*.tmp"))
     monkeypatch.undo()
     train.main(["mac", "--out", str(run), "--resume", "--iters", str(load(run / "last.pt")["iter"] + 1)])
+
+
+class FullDisk:
+    """A file whose writes stop halfway with ENOSPC, as on a full disk."""
+
+    def __init__(self, f):
+        self.f = f
+
+    def write(self, b):
+        self.f.write(b[:len(b) // 2])
+        self.f.flush()
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    def __getattr__(self, name):
+        return getattr(self.f, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.f.close()
+
+
+def fill_disk_for(monkeypatch, name):
+    """Every file opened for writing whose name starts with `name` meets a full disk."""
+    real_open = io.open
+
+    def opening(file, mode="r", *args, **kwargs):
+        f = real_open(file, mode, *args, **kwargs)
+        named = isinstance(file, (str, os.PathLike)) and Path(file).name.startswith(name)
+        return FullDisk(f) if named and set(mode) & set("wa") else f
+    monkeypatch.setattr(io, "open", opening)  # (pathlib writes through io.open)
+    monkeypatch.setattr(builtins, "open", opening)
+
+
+@pytest.mark.parametrize("name", ["run.json", "resumes.jsonl", "metrics.jsonl"])
+def test_a_full_disk_on_a_record_is_an_error_that_leaves_the_file_as_it_was(ckpt_run, tiny_data, tmp_path,
+                                                                              monkeypatch, name):
+    run = tmp_path / "run"
+    argv = ["mac", "--data", str(tiny_data), "--out", str(run), *TINY, "--iters", "2"]
+    if name != "run.json":  # a run to resume, one epoch on
+        run = copy_run(ckpt_run, run)
+        argv = ["mac", "--out", str(run), "--resume", "--epochs", "2"]
+    before = (run / name).read_bytes() if (run / name).exists() else None
+    fill_disk_for(monkeypatch, name)
+    msg = error_of(argv)
+    assert f"could not write {run / name}" in msg and "No space left on device" in msg
+    assert ("run the same command again" if name == "run.json" else "--resume") in msg
+    after = (run / name).read_bytes() if (run / name).exists() else None
+    assert after == before and not list(run.glob("*.tmp"))  # run.json: none at all, not 0 bytes or half
+    monkeypatch.undo()
+    train.main(argv)  # and the advice works: the same command, once there is space
+    assert json.loads((run / "run.json").read_text())["argv"][1:4] == ["mac", "--data", str(tiny_data)]
+    assert load(run / "last.pt")["epoch"] == (0 if name == "run.json" else 2)
+
+
+def test_a_damaged_run_json_is_reported_and_the_resume_goes_on(ckpt_run, tmp_path, capsys):
+    run = copy_run(ckpt_run, tmp_path / "run")
+    (run / "run.json").write_text('{"argv": ["train.py", "mac", "--da')  # cut by a full disk
+    train.main(["mac", "--out", str(run), "--resume", "--epochs", "2"])
+    assert f"note: {run / 'run.json'} is damaged (JSONDecodeError" in capsys.readouterr().out
+    assert len((run / "resumes.jsonl").read_text().splitlines()) == 1 and load(run / "last.pt")["epoch"] == 2
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
