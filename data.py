@@ -12,7 +12,7 @@ facebookresearch/clevr-iep (vocab.json; questions h5 with prefix programs).
 
 Layout of a prepared data directory (what `train.py --data DIR` reads):
     vocab.json                {question,program,answer}_token_to_idx, specials 0..3
-    info.json                 image kind and the image file of each split
+    info.json                 image kind, the image file of each split, the hash of vocab.json it was made with
     {split}_questions.h5      questions (N, Lq) int32, programs (N, Lp) int32 prefix, image_idxs,
                               orig_idxs, question_families, answers (N,) int64
     {split}_images.h5         images (N, 3, S, S) uint8         (--images pixels)
