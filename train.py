@@ -41,6 +41,9 @@ The run directory (--out): run.json (command line, configs, versions, git commit
 first invocation), resumes.jsonl (the same record for each --resume), metrics.jsonl (a record per
 evaluation), last.pt (prev.pt: the one it replaced) and best.pt. Checkpoints and run.json are written
 atomically; a failed write (a full disk) stops the run with a message and leaves the file as it was.
+An epoch ends with its records, then best.pt, then last.pt; a checkpoint inside an epoch holds the epoch's
+sums so far. --resume drops the records after its checkpoint's iteration and continues those sums, so a run
+killed at any moment and resumed ends as an uninterrupted run.
 """
 import argparse
 import copy
@@ -487,6 +490,18 @@ class Tally:
             for k, v in {"family": batch["family"], "kind": batch["kind"], **steps}.items():
                 self.questions.setdefault(k, []).append(v.cpu())
 
+    def state(self):
+        """The sums as tensors and numbers, for a checkpoint (loadable with weights_only=True)."""
+        return {"n": self.n.clone(), "hits": self.hits.clone(), "loss": self.loss, "rows": self.rows,
+                "steps": self.steps, "metrics": dict(self.metrics)}
+
+    @classmethod
+    def from_state(cls, st):
+        t = cls()
+        t.n, t.hits, t.metrics = st["n"].clone(), st["hits"].clone(), dict(st["metrics"])
+        t.loss, t.rows, t.steps = st["loss"], st["rows"], st["steps"]
+        return t
+
     def reduce(self, device):
         """Sum the tallies of all processes of a distributed run (each must call it), so that every
         question counts once; a no-op in a single process."""
@@ -654,6 +669,7 @@ class Run:
         self.start_device()
         self.build(model_mod, wrapper_mod)
         self.epoch, self.it, self.pos, self.best, self.rng = 0, 0, 0, -1.0, None
+        self.val_acc, self.epoch_tally = None, Tally()  # the latest val accuracy; the current epoch's sums
         self.resuming = cfg.resume and not cfg.eval_only
         if not cfg.eval_only:
             self.check_batches()
@@ -771,6 +787,9 @@ class Run:
             for g in self.optimizer.param_groups:
                 g["lr"] = self.cfg.lr
         self.epoch, self.it, self.pos, self.best = ckpt["epoch"], ckpt["iter"], ckpt["pos"], ckpt["best_acc"]
+        self.val_acc = ckpt.get("val_acc")
+        if self.pos and ckpt.get("epoch_tally") and self.rank == 0:  # the epoch's sums so far, over all processes
+            self.epoch_tally = Tally.from_state(ckpt["epoch_tally"])
         self.rng, ranks = ckpt["rng"], ckpt.get("rng_ranks") or []
         if self.world > 1 and len(ranks) == self.world:
             self.rng = ranks[self.rank]  # each process continues its own dropout stream
@@ -804,6 +823,7 @@ class Run:
             record = run_info(self.argv, self.cfgs, self.model_name, self.wrapper_name, self.data_dir, self.info)
             if self.resuming:  # run.json keeps the first invocation; each later one is a line of resumes.jsonl
                 self.check_first_record()
+                self.trim_metrics()
                 append_line(out / "resumes.jsonl", record, "free disk space, then --resume again")
             else:
                 try:
@@ -829,12 +849,37 @@ class Run:
             self.log(f"note: {path} is damaged ({reason(e)}): the first invocation's record is lost; this "
                      "invocation is recorded in resumes.jsonl, the configs are in the checkpoints")
 
+    def trim_metrics(self):
+        """--resume: drop the records of metrics.jsonl after the checkpoint's iteration, which the resumed run
+        writes again (a kill between an epoch's records and its checkpoint, or a checkpoint put back with `cp
+        prev.pt last.pt`), and a line cut by a kill; atomically."""
+        path = self.out / "metrics.jsonl"
+        if not path.exists():
+            return
+        text = path.read_bytes().decode("utf-8", "replace")
+        keep = []
+        for line in text.splitlines():
+            try:
+                if json.loads(line)["iter"] <= self.it:
+                    keep.append(line + "\n")
+            except (ValueError, KeyError, TypeError):
+                pass
+        if "".join(keep) != text:
+            try:
+                write_atomic(path, lambda f: f.write("".join(keep).encode()))
+            except OSError as e:
+                fail(f"could not rewrite {path} ({reason(e)}): free disk space, then --resume again")
+            self.log(f"{path}: dropped {len(text.splitlines()) - len(keep)} lines, records after iteration "
+                     f"{self.it} (the checkpoint's) or cut short; the resumed run writes its records again")
+
     def write(self, rec):
         if self.rank == 0:
             append_line(self.out / "metrics.jsonl", rec, "free disk space, then continue with --resume")
 
-    def checkpoint(self, rng, val_acc, is_best=False):
-        """last.pt (the one before it kept as prev.pt) and, if is_best, best.pt; every rank's RNG state."""
+    def checkpoint(self, rng, is_best=False, tally=None):
+        """best.pt if is_best, then last.pt (the one before it kept as prev.pt), in this order: killed between
+        the two, --resume redoes the epoch's end from the last.pt before and writes the same best.pt again.
+        Every rank's RNG state; `tally`: inside an epoch, its running sums over all processes (Tally.state)."""
         rngs = [rng] * self.world
         if self.ddp:
             torch.distributed.all_gather_object(rngs, rng)
@@ -845,12 +890,12 @@ class Run:
                      "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
                      "scaler": self.scaler.state_dict(), "epoch": self.epoch,
                      "arch_optimizer": self.arch_opt.state_dict() if self.arch_opt else None,
-                     "iter": self.it, "pos": self.pos, "best_acc": self.best, "val_acc": val_acc, "rng": rng,
+                     "iter": self.it, "pos": self.pos, "best_acc": self.best, "val_acc": self.val_acc, "rng": rng,
                      "rng_ranks": rngs if self.world > 1 else None, "vocab_hash": self.info["vocab_hash"],
-                     "data_dir": str(self.data_dir)}
-            save_checkpoint(self.out / "last.pt", state, keep="prev.pt")
+                     "data_dir": str(self.data_dir), "epoch_tally": tally}
             if is_best:
                 save_checkpoint(self.out / "best.pt", state)
+            save_checkpoint(self.out / "last.pt", state, keep="prev.pt")
 
     def loss(self, out, batch):
         """The answer NLL (or the model's own "loss"), its "aux_loss", and its regularizer (training only)."""
@@ -920,7 +965,7 @@ class Run:
             seed_all(cfg.seed, self.epoch, self.rank)  # epoch e's dropout is a function of (seed, e), like its order
         self.rng = None
         self.model.train()
-        self.epoch_tally, tally, t0 = Tally(), Tally(), time.perf_counter()
+        tally, t0 = Tally(), time.perf_counter()
         for batch in batches:
             batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
             out, loss_value, gnorm = self.step(batch, total_iters)
@@ -939,7 +984,7 @@ class Run:
                 self.train_time += time.perf_counter() - t0
                 return False
             if cfg.ckpt_every and self.it % cfg.ckpt_every == 0 and self.pos < n_batches:  # the epoch's end writes its own
-                self.checkpoint(rng_state(), self.last_val)
+                self.checkpoint(rng_state(), tally=copy.deepcopy(self.epoch_tally).reduce(self.device).state())
         self.train_time += time.perf_counter() - t0
         return True
 
@@ -960,7 +1005,10 @@ class Run:
         self.write({"split": "val", "epoch": epoch_f, "iter": self.it, **val})
         self.log(f"val after epoch {epoch_f} (iter {self.it}): {show(val)}")
         self.last_val, is_best, self.best = val["acc"], val["acc"] > self.best, max(self.best, val["acc"])
-        self.checkpoint(rng, val["acc"], is_best)
+        self.val_acc = val["acc"]
+        self.checkpoint(rng, is_best, self.epoch_tally.state() if self.pos else None)  # (summed by reduce above)
+        if not self.pos:
+            self.epoch_tally = Tally()
 
     def train(self):
         """Epochs until --epochs (or --iters); -> the run's summary."""

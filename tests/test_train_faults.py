@@ -222,6 +222,71 @@ def ckpt_run(tiny_data, tmp_path_factory):
     return out
 
 
+# Run as `python -c EPOCH_END_KILL ROOT WHERE train-args...`: train.main, killed by SIGKILL at one write
+# boundary of the first epoch's end: after its train record, halfway through its val record, after the val
+# record, or right after best.pt, prev.pt or last.pt is renamed into place.
+EPOCH_END_KILL = """
+import json, os, signal, sys
+sys.path.insert(0, sys.argv[1])
+import train
+where, written, append, replace = sys.argv[2], [], train.append_line, os.replace
+def appending(path, rec, advice):
+    if where == "half a val record" and rec["split"] == "val":
+        line = (json.dumps(rec) + "\\n").encode()
+        with open(path, "ab") as f:
+            f.write(line[:len(line) // 2])
+        os.kill(os.getpid(), signal.SIGKILL)
+    append(path, rec, advice)
+    written.append(rec["split"] + " record")
+    if where == written[-1]:
+        os.kill(os.getpid(), signal.SIGKILL)
+def replacing(src, dst):
+    replace(src, dst)
+    if "val record" in written and os.path.basename(dst) == where:
+        os.kill(os.getpid(), signal.SIGKILL)
+train.append_line, os.replace = appending, replacing
+train.main(sys.argv[3:])
+"""
+
+
+def same(a, b, where=""):
+    """Checkpoints (or any nesting of dicts, lists and tensors) equal, value for value."""
+    assert type(a) is type(b), where
+    if isinstance(a, torch.Tensor):
+        assert torch.equal(a, b), where
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys(), where
+        for k in a:
+            same(a[k], b[k], f"{where}/{k}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            same(x, y, f"{where}/{i}")
+    else:
+        assert a == b, (where, a, b)
+
+
+@pytest.mark.parametrize("where", ["train record", "half a val record", "val record", "best.pt", "prev.pt", "last.pt"])
+def test_sigkill_at_each_write_of_an_epochs_end_then_resume_ends_as_an_uninterrupted_run(ckpt_run, tiny_data,
+                                                                                         tmp_path, where):
+    run = tmp_path / "killed"
+    cmd = [sys.executable, "-c", EPOCH_END_KILL, str(ROOT), where, "mac", "--data", str(tiny_data), "--out", str(run),
+           *TINY, "--epochs", "1", "--ckpt-every", "4"]  # as ckpt_run, the uninterrupted run
+    proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
+    assert (load(run / "last.pt")["pos"] == 0) == (where == "last.pt")  # killed before last.pt: a mid-epoch one
+    train.main(["mac", "--out", str(run), "--resume"])
+
+    for name in ("last.pt", "best.pt"):
+        a, b = load(ckpt_run / name), load(run / name)
+        for ckpt in (a, b):  # this invocation's settings (--resume) aside
+            ckpt["config"]["train"] = {k: v for k, v in ckpt["config"]["train"].items() if k not in train.RUN_FIELDS}
+        same(a, b, name)
+    timeless = lambda out: [{k: v for k, v in r.items() if k != "questions_per_s"}
+                            for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())]
+    assert timeless(run) == timeless(ckpt_run)  # no record twice, none cut; the train record counts the whole epoch
+
+
 def copy_run(src, dst):
     dst.mkdir()
     for f in src.iterdir():
