@@ -23,7 +23,8 @@ Optional hooks, for a model's own training terms:
   trainer's optimizer; after every weight update the trainer draws a batch of the training rows that
   `train_subset` left out (by (seed, iteration): exact on resume) and the model takes its step on it,
   while any of those parameters requires a gradient (LNMN's --arch-warmup turns that off at the start).
-A wrapper module (act.py, dact.py) exposes `Config` and `Model(inner_model, cfg)`. Every Config field
+A wrapper module (act.py, dact.py) exposes `Config` and `Model(inner_model, cfg)`; it wraps the models
+with the step protocol (STEP_PROTOCOL) and no `arch_optimizer` (`wrappable`). Every Config field
 becomes a flag (`max_steps` -> `--max-steps`, bools as `--x/--no-x`), its comment becomes the help.
 
 Where each setting comes from, lowest priority first:
@@ -39,8 +40,9 @@ halting unit, excepted) unless --init-partial is given; either way the log lists
 
 The run directory (--out): run.json (command line, configs, versions, git commit; written once, by the
 first invocation), resumes.jsonl (the same record for each --resume), metrics.jsonl (a record per
-evaluation), last.pt (prev.pt: the one it replaced) and best.pt. Checkpoints and run.json are written
-atomically; a failed write (a full disk) stops the run with a message and leaves the file as it was.
+evaluation), last.pt (prev.pt: the one it replaced), best.pt, and .lock, which the running train.py
+holds locked (Linux, macOS): a second one on the same --out is refused. Checkpoints and run.json are
+written atomically; a failed write (a full disk) stops the run with a message and leaves the file as it was.
 An epoch ends with its records, then best.pt, then last.pt; a checkpoint inside an epoch holds the epoch's
 sums so far. --resume drops the records after its checkpoint's iteration and continues those sums, so a run
 killed at any moment and resumed ends as an uninterrupted run.
@@ -72,6 +74,11 @@ import torch
 import torch.nn.functional as F
 
 import data
+
+try:
+    import fcntl  # the run directory's lock (Linux, macOS)
+except ImportError:  # Windows: runs are not locked
+    fcntl = None
 
 MODELS = {"mac": "mac", "stack_nmn": "stack_nmn", "lnmn": "lnmn", "pg_ee": "pg_ee"}  # name -> module
 WRAPPERS = {"act": "act", "dact": "dact"}
@@ -110,7 +117,8 @@ RUN_FIELDS = {"out", "iters", "device", "threads", "log_every", "amp", "compile"
               "init_partial", "eval_only"}
 
 
-RUN_FILES = ("last.pt", "best.pt", "prev.pt", "metrics.jsonl", "run.json", "resumes.jsonl")  # what a run directory holds
+# What a run directory holds (besides .lock): a new run refuses a folder with any of them.
+RUN_FILES = ("last.pt", "best.pt", "prev.pt", "metrics.jsonl", "run.json", "resumes.jsonl")
 
 
 def fail(msg):
@@ -187,16 +195,17 @@ def parse_args(argv):
         top = argparse.ArgumentParser(prog="train.py", description=__doc__.split("\n")[0], epilog=listing,
                                       formatter_class=argparse.RawDescriptionHelpFormatter)
         top.add_argument("model", choices=list(MODELS), help="the model to train")
-        top.add_argument("wrapper", nargs="?", choices=list(WRAPPERS), help=f"adaptive computation around {', '.join(wraps)}")
+        top.add_argument("wrapper", nargs="?", choices=list(WRAPPERS),
+                         help=f"adaptive computation around {', '.join(wraps)}")
         top.parse_args(argv)  # prints the help, or the error, and exits
         top.error("put the model first: train.py MODEL [WRAPPER] [flags]")
     model_name = argv[0]
     model_mod = importlib.import_module(MODELS[model_name])
     wrapper_name = argv[1] if len(argv) > 1 and argv[1] in WRAPPERS else None
     if wrapper_name and not wrappable(model_mod):
-        fail(f"{wrapper_name} cannot wrap {model_name}: a wrapper drives the step protocol ({', '.join(STEP_PROTOCOL)}) "
-             f"of a model without bilevel training of its own; it wraps {', '.join(wrapped_models())}. Train {model_name} "
-             "without a wrapper")
+        fail(f"{wrapper_name} cannot wrap {model_name}: a wrapper drives the step protocol "
+             f"({', '.join(STEP_PROTOCOL)}) of a model without bilevel training of its own; it wraps "
+             f"{', '.join(wrapped_models())}. Train {model_name} without a wrapper")
     wrapper_mod = wrapper_name and importlib.import_module(WRAPPERS[wrapper_name])
     presets = getattr(model_mod, "PRESETS", {})
 
@@ -591,10 +600,10 @@ def resolve_configs(model_name, wrapper_name, model_mod, wrapper_mod, explicit, 
     path = Path(cfg.out) / "last.pt" if cfg.resume else Path(cfg.init) if cfg.init else None
     if cfg.resume and not path.is_file():
         fail(f"no checkpoint at {path} to resume; drop --resume to start a new run")
-    prev = path.with_name("prev.pt") if cfg.resume else None
-    hint = (f". The checkpoint written before it is kept: `cp {prev} {path}`, then --resume again continues "
-            "from there" if prev and prev.is_file() else "")
-    ckpt = read_checkpoint(path, model_name, hint) if path else None
+    try:
+        ckpt = path and data.read_checkpoint(path, (model_name,))
+    except data.DataError:  # read again, for the message with what to do
+        ckpt = read_checkpoint(path, model_name, resume_hint(path) if cfg.resume else "")
     cfgs = {"train": cfg, "model": model_mod.Config(), "wrapper": wrapper_mod.Config() if wrapper_mod else None}
     if not (cfg.resume or cfg.eval_only):
         preset, why = cfg.preset if cfg.preset != "auto" else "paper" if cfg.data else "laptop", None
@@ -619,6 +628,20 @@ def resolve_configs(model_name, wrapper_name, model_mod, wrapper_mod, explicit, 
     log(f"config from {path}, then the flags given")
     check_configs(cfgs, explicit, saved, path)
     return cfgs, ckpt, path
+
+
+def resume_hint(path):
+    """What to do when the last.pt to resume is damaged: put prev.pt back, unless prev.pt is damaged too."""
+    prev, best = path.with_name("prev.pt"), path.with_name("best.pt")
+    if not prev.is_file():
+        return ""
+    try:
+        data.read_checkpoint(prev)
+    except data.DataError:
+        return (f". {prev}, the checkpoint before it, is damaged too: the run cannot continue from its checkpoints. "
+                "Start a new run in another --out" + (f", with --init {best} for its best weights (if that file "
+                                                      "reads)" if best.is_file() else ""))
+    return f". The checkpoint written before it is kept: `cp {prev} {path}`, then --resume again continues from there"
 
 
 def saved_config(ckpt, part, cfg, path):
@@ -656,10 +679,8 @@ class Run:
         self.out = Path(cfg.out or f"runs/{self.name}-{datetime.datetime.now():%Y%m%d-%H%M%S}")
         if self.out.exists() and not self.out.is_dir():
             fail(f"--out {self.out} is a file, not a directory: choose another --out")
-        held = [f for f in RUN_FILES if (self.out / f).exists()]
-        if not cfg.resume and not cfg.eval_only and held:  # a new run never overwrites or appends to another
-            fail(f"{self.out} already holds a run ({', '.join(held)}): add --resume to continue it, or choose "
-                 "another --out")
+        if not cfg.resume and not cfg.eval_only:
+            self.refuse_other_run()
         if cfg.resume and not cfg.eval_only and self.ckpt["wrapper_name"] != wrapper_name:
             fail(f"{self.ckpt_path} is a run of {model_name} with wrapper {self.ckpt['wrapper_name']}, not "
                  f"{wrapper_name}: resume it with the same model and wrapper")
@@ -670,6 +691,7 @@ class Run:
         self.build(model_mod, wrapper_mod)
         self.epoch, self.it, self.pos, self.best, self.rng = 0, 0, 0, -1.0, None
         self.val_acc, self.epoch_tally = None, Tally()  # the latest val accuracy; the current epoch's sums
+        self.saved_iter = None  # the iteration of the last checkpoint written (or resumed from)
         self.resuming = cfg.resume and not cfg.eval_only
         if not cfg.eval_only:
             self.check_batches()
@@ -680,7 +702,8 @@ class Run:
         the batch size that epoch began with (the batches are cut from its order by that size)."""
         n, split, val = len(self.train_loader), self.train_loader.split, self.val_loader.split
         if n == 0:
-            kept = "" if self.train_loader.rows is None else f", of which the model trains on {len(self.train_loader.rows)}"
+            rows = self.train_loader.rows
+            kept = "" if rows is None else f", of which the model trains on {len(rows)}"
             fail(f"nothing to train on: the train split of {self.data_dir} has {len(split)} questions{kept}. "
                  "Prepare data with training questions (or check the flags that choose them, e.g. --held-out)")
         if not (val.answers != -100).any():
@@ -787,7 +810,7 @@ class Run:
             for g in self.optimizer.param_groups:
                 g["lr"] = self.cfg.lr
         self.epoch, self.it, self.pos, self.best = ckpt["epoch"], ckpt["iter"], ckpt["pos"], ckpt["best_acc"]
-        self.val_acc = ckpt.get("val_acc")
+        self.val_acc, self.saved_iter = ckpt.get("val_acc"), ckpt["iter"]
         if self.pos and ckpt.get("epoch_tally") and self.rank == 0:  # the epoch's sums so far, over all processes
             self.epoch_tally = Tally.from_state(ckpt["epoch_tally"])
         self.rng, ranks = ckpt["rng"], ckpt.get("rng_ranks") or []
@@ -820,6 +843,7 @@ class Run:
                 out.mkdir(parents=True, exist_ok=True)
             except OSError as e:
                 fail(f"cannot make the run directory {out} ({reason(e)}): choose another --out")
+            self.lock_dir()
             record = run_info(self.argv, self.cfgs, self.model_name, self.wrapper_name, self.data_dir, self.info)
             if self.resuming:  # run.json keeps the first invocation; each later one is a line of resumes.jsonl
                 self.check_first_record()
@@ -836,6 +860,30 @@ class Run:
         if self.ddp:  # find_unused_parameters: PG+EE, DACT and others leave some parameters out of some batches
             self.model = torch.nn.parallel.DistributedDataParallel(
                 self.model, [self.device.index] if self.device.type == "cuda" else None, find_unused_parameters=True)
+
+    def lock_dir(self):
+        """Hold an exclusive lock on RUN/.lock for the run's life (the system drops it when the process ends), so
+        that a second train.py on the same --out is refused instead of writing the same files."""
+        self.lock = open(self.out / ".lock", "a") if fcntl else None
+        try:
+            if self.lock:
+                fcntl.flock(self.lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            fail(f"{self.out} is in use by another train.py process (it holds {self.out / '.lock'}): wait for that "
+                 "run to end, or choose another --out")
+        if not self.resuming:
+            self.refuse_other_run()  # (a run that began there since __init__ looked)
+
+    def unlock(self):
+        if getattr(self, "lock", None):
+            self.lock.close()  # (closing the file releases the lock)
+            self.lock = None
+
+    def refuse_other_run(self):
+        """A new run never overwrites or appends to another run's files."""
+        if held := [f for f in RUN_FILES if (self.out / f).exists()]:
+            fail(f"{self.out} already holds a run ({', '.join(held)}): add --resume to continue it, or choose "
+                 "another --out")
 
     def check_first_record(self):
         """--resume: say so if run.json, the first invocation's record, is missing or damaged (the run goes on)."""
@@ -880,7 +928,7 @@ class Run:
         """best.pt if is_best, then last.pt (the one before it kept as prev.pt), in this order: killed between
         the two, --resume redoes the epoch's end from the last.pt before and writes the same best.pt again.
         Every rank's RNG state; `tally`: inside an epoch, its running sums over all processes (Tally.state)."""
-        rngs = [rng] * self.world
+        rngs, self.saved_iter = [rng] * self.world, self.it
         if self.ddp:
             torch.distributed.all_gather_object(rngs, rng)
         if self.rank == 0:
@@ -918,8 +966,11 @@ class Run:
         checked = all_ranks_mean(loss) if self.ddp else loss_value  # NaN on any process stops all of them
         if not math.isfinite(checked):  # before the update: the weights and last.pt stay good
             fail(f"the loss is {checked} at epoch {self.epoch + 1}, iteration {self.it + 1}; stopped before the "
-                 f"update. The last good checkpoint is {self.out / 'last.pt'} (written after each epoch and every "
-                 "--ckpt-every iterations); try a lower --lr or another --seed")
+                 "update. " + (f"The last good checkpoint is {self.out / 'last.pt'} (iteration {self.saved_iter}): "
+                               "--resume with a lower --lr" if self.saved_iter is not None else
+                               "No checkpoint was written yet (the first comes at the end of epoch 1, or after "
+                               f"--ckpt-every iterations): start again, in another --out (or after deleting "
+                               f"{self.out}), with a lower --lr or another --seed"))
         if cfg.schedule == "cosine":  # a function of the iteration alone, so --resume needs no state
             for g in optimizer.param_groups:
                 g["lr"] = cfg.lr * 0.5 * (1 + math.cos(math.pi * min(self.it / total_iters, 1.0)))
@@ -1033,8 +1084,11 @@ def run(argv, model_name, wrapper_name, model_mod, wrapper_mod, explicit):
         rec = evaluate(r.raw, r.val_loader, r.device, r.autocast)
         r.log(f"val {show(rec)} ({rec['n']} questions)")
         return rec
-    r.start_dir()
-    result = r.train()
+    try:
+        r.start_dir()
+        result = r.train()
+    finally:
+        r.unlock()
     if r.ddp:
         torch.distributed.destroy_process_group()
     return result

@@ -270,7 +270,9 @@ def test_preset_auto_is_laptop_on_the_built_in_data_and_flags_win(tiny_data, tmp
 def test_a_nan_loss_stops_the_run_with_a_message(tiny_data, tmp_path, monkeypatch):
     forward = mac.Model.forward
     monkeypatch.setattr(mac.Model, "forward", lambda self, b: {"log_probs": forward(self, b)["log_probs"] * torch.nan})
-    assert "the loss is nan" in error_of(["mac", "--data", str(tiny_data), "--out", str(tmp_path / "nan"), *TINY])
+    msg = error_of(["mac", "--data", str(tiny_data), "--out", str(tmp_path / "nan"), *TINY])
+    assert "the loss is nan" in msg and "iteration 1;" in msg
+    assert "No checkpoint was written yet" in msg and "last.pt" not in msg  # (none exists to name)
 
 
 # ----------------------------------------------------------------------------------------------------

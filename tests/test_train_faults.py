@@ -313,6 +313,31 @@ def test_a_damaged_last_checkpoint_names_the_file_and_the_previous_good_one(ckpt
         assert load(run / "last.pt")["iter"] == before["iter"] + 2
 
 
+def test_when_prev_is_damaged_too_the_message_does_not_advise_copying_it(ckpt_run, tmp_path):
+    run = copy_run(ckpt_run, tmp_path / "run")
+    (run / "prev.pt").write_bytes((run / "prev.pt").read_bytes()[:1000])
+    (run / "last.pt").write_bytes((run / "prev.pt").read_bytes())  # as after `cp prev.pt last.pt`
+    msg = error_of(["mac", "--out", str(run), "--resume"])
+    assert f"{run / 'prev.pt'}, the checkpoint before it, is damaged too" in msg and "cp " not in msg
+    assert f"--init {run / 'best.pt'}" in msg  # the best weights, for a new run
+
+
+def test_a_second_train_py_on_the_same_out_is_refused_while_the_first_runs(ckpt_run, tiny_data, tmp_path):
+    import fcntl
+    run = copy_run(ckpt_run, tmp_path / "run")
+    (tmp_path / "new").mkdir()
+    for out in (run, tmp_path / "new"):
+        with open(out / ".lock", "a") as held:  # what a running train.py holds for its run's life
+            fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            argv = (["--out", str(out), "--resume", "--epochs", "2"] if out == run else
+                    ["--data", str(tiny_data), "--out", str(out), *TINY, "--iters", "1"])
+            msg = error_of(["mac", *argv])
+            assert f"{out} is in use by another train.py process" in msg and "choose another --out" in msg
+        assert not (out / "resumes.jsonl").exists() and (out / "run.json").exists() == (out == run)  # nothing written
+    train.main(["mac", "--out", str(run), "--resume", "--epochs", "2"])  # the lock goes with its holder
+    assert load(run / "last.pt")["epoch"] == 2
+
+
 def test_a_failed_write_keeps_the_previous_checkpoint(ckpt_run, tmp_path, monkeypatch):
     run = copy_run(ckpt_run, tmp_path / "run")
     before = (run / "last.pt").read_bytes()
@@ -404,7 +429,7 @@ def test_a_nan_or_inf_loss_stops_with_a_usable_last_checkpoint(tiny_data, tmp_pa
     monkeypatch.setattr(mac.Model, "forward", poisoned)
     msg = error_of(["mac", "--data", str(tiny_data), "--out", str(tmp_path / "run"), *TINY, "--ckpt-every", "4"])
     assert f"the loss is {bad}" in msg  # nll of log_probs * inf is +inf
-    assert "iteration 6" in msg and str(tmp_path / "run" / "last.pt") in msg
+    assert "iteration 6" in msg and f"{tmp_path / 'run' / 'last.pt'} (iteration 4)" in msg
     ckpt = load(tmp_path / "run" / "last.pt")
     assert ckpt["iter"] == 4 and all(v.isfinite().all() for v in ckpt["model"].values())
     monkeypatch.undo()
