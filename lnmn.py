@@ -133,6 +133,8 @@ def node(w, x1, x2, normalize=True, dist=None):
     their backward on broadcast inputs is slow (RESULTS.md, "Speed of a node")."""
     b1, b2, b12, k = node_terms(w)
     dist = (x1 - x2).abs() if dist is None else dist                     # (B, K, d)
+    if x1.numel() < x2.numel():                                          # one pass over the larger input
+        x1, x2, b1, b2 = x2, x1, b2, b1
     # Sec. 3.1: O(x1, x2) = w_min min(x1, x2) + w_max max(x1, x2) + w_sum (x1 + x2) + w_prod x1 x2 + w_1 x1 + w_2 x2
     out = torch.addcmul(torch.addcmul(b2 * x2, x1, b1 + b12 * x2), dist, k)  # (B, K, d)
     return F.normalize(out, dim=-1) if normalize else out
@@ -357,13 +359,24 @@ class LNMN(stack_nmn.StackNMN):
     def arch_step(self, forward, batch, optimizer, autocast):
         """Algorithm 2, step 2 (first-order DARTS): one step of `optimizer` on the NLL of a held-out batch
         plus the sparsity term. `forward` is the model as the trainer runs it (compiled, in DDP), so that
-        the alpha gradients are averaged over the processes."""
-        with autocast:
-            out = forward(batch)
-            loss = F.nll_loss(out["log_probs"].float(), batch["answer"], ignore_index=-100) + out["arch_loss"]
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        the alpha gradients are averaged over the processes. The other parameters are frozen for the step:
+        the trainer discards their gradients (the next weight step starts from none), so the backward skips
+        them and every branch that leads to them alone (the question encoder, conv1(I)): the same alpha step,
+        in fewer passes."""
+        alphas = {id(a) for a in self.arch_parameters()}
+        frozen = [p for p in self.parameters() if p.requires_grad and id(p) not in alphas]
+        for p in frozen:
+            p.requires_grad_(False)
+        try:
+            with autocast:
+                out = forward(batch)
+                loss = F.nll_loss(out["log_probs"].float(), batch["answer"], ignore_index=-100) + out["arch_loss"]
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+        finally:
+            for p in frozen:
+                p.requires_grad_(True)
 
     def train_subset(self, n):
         """The training rows for the weights; the rest (held_out) are the alpha steps' batches."""

@@ -1,9 +1,11 @@
 """Tests for lnmn.py: one-hot nodes, the fast node against the paper's, the fast cells against the cells
 node by node (values and gradients), the expression printer, inventories, the stack rule's and the merge
 norm's flags (the stack rule on a hand-made layout), no weight decay, the entropy term's scales and the
-lambda_w curves, the init flags' distributions, gradients, overfitting, the trainer's alpha step, and the
-experiments beyond the paper (CPU, seconds). The analysis (`python analyze.py lnmn`) is tested in
-test_analyze.py."""
+lambda_w curves, the init flags' distributions, gradients, the alpha step (weights frozen), overfitting,
+the trainer's alpha step, and the experiments beyond the paper (CPU, seconds). The analysis
+(`python analyze.py lnmn`) is tested in test_analyze.py."""
+import contextlib
+import copy
 import math
 
 import pytest
@@ -387,6 +389,30 @@ def test_shapes_finite_gradients_and_alpha_gets_only_the_arch_terms():
     assert opt_ids == {id(p) for p in m.arch_parameters()}
     rows = m.train_subset(1000)
     assert len(rows) == 900 and len(set(rows.tolist())) == 900
+
+
+def test_alpha_step_freezes_the_weights_and_moves_the_alphas_as_before():
+    """LNMN.arch_step: only the alphas require a gradient during its forward and backward (the weights'
+    would be discarded), the alphas move exactly as with every parameter in the graph, no weight gets a
+    gradient, and every parameter requires a gradient again after it."""
+    m, b = model().train(), make_batch()
+    ref = copy.deepcopy(m)
+    out = ref(b)
+    opt = ref.arch_optimizer()
+    (F.nll_loss(out["log_probs"], b["answer"]) + out["arch_loss"]).backward()
+    opt.step()
+    seen = []
+
+    def forward(batch):
+        seen.append({n for n, p in m.named_parameters() if p.requires_grad})
+        return m(batch)
+    m.arch_step(forward, b, m.arch_optimizer(), contextlib.nullcontext())
+    alphas = {n for n, p in m.named_parameters() if n.endswith(".alpha")}
+    assert seen == [alphas]
+    for (n, p), q in zip(m.named_parameters(), ref.parameters()):
+        assert p.requires_grad
+        assert torch.allclose(p, q, rtol=0, atol=1e-7) if n in alphas else (torch.equal(p, q) and p.grad is None), n
+    assert not torch.equal(m.modules_.cells[0].alpha, model().modules_.cells[0].alpha)  # it stepped
 
 
 def test_overfits_one_batch():
