@@ -63,11 +63,11 @@ class LNMNConfig:
     #   "mean"       entropy_weight x the batch mean of H (this code);
     #   "batch_sum"  entropy_weight x the batch sum of H (official train.py: CE_mean - coeff 1e-2 imp_loss.sum());
     #   "paper"      the batch mean of H, no weight (Algorithm 2: lambda_w / T sum_t H per example, as the CE)
-    entropy_scale: Literal["mean", "batch_sum", "paper"] = "mean"  # w(t)'s entropy term: this code's, official, paper's
+    entropy_scale: Literal["mean", "batch_sum", "paper"] = "mean"  # mean: this code; batch_sum: official; paper: Algorithm 2
     entropy_switch: float = 2 / 3  # Sec. 3.2: lambda_w 1 -> 0 over 20 epochs, then -> -1 over the next 10
     # "paper": Sec. 3.2's straight lines (entropy_switch); "code": official train.py's get_entropy_coeff,
     # 1 -> 0.22 at epoch 19 -> 0 near 20.8 -> -1 at 29, its epochs laid over the run as LNMN.lambda_w says
-    lambda_w_curve: Literal["paper", "code"] = "paper"  # lambda_w over the run: the paper's lines or the official curve
+    lambda_w_curve: Literal["paper", "code"] = "paper"  # paper: Sec. 3.2's lines; code: the official curve
     op_weight: float = 1.0  # Sec. 4: lambda_op of the l2/l1 sparsity term on softmax(alpha)
     arch_lr: float = 3e-4  # Sec. 4: Adam for alpha
     arch_wd: float = 1e-3  # Sec. 4: weight decay for alpha, betas (0.5, 0.999)
@@ -83,7 +83,7 @@ class LNMNConfig:
     # NOTE (deviation): "tf", Stack-NMN's TF init (stack_nmn.tf_init); "lnmn_code", the official LNMN code's
     # (model.py, cell.py reset_params): Xavier-normal linears, zero biases; Xavier-uniform 1x1 convs, biases
     # N(0, 1); Xavier-normal LSTM weights, zero biases; c_0 ~ N(0, 1) (lnmn_code_init)
-    weight_init: Literal["tf", "lnmn_code"] = "tf"  # Stack-NMN's TF init, or the official LNMN code's
+    weight_init: Literal["tf", "lnmn_code"] = "tf"  # tf: Stack-NMN's TF init; lnmn_code: the official LNMN code's
     cells: Literal["learned", "stack"] = "learned"  # NOTE (not in the paper): "stack" fixes the cells to STACK_CELLS
     arch_warmup: float = 0.0  # NOTE (not in the paper): share of the run before the first alpha step (DARTS-style)
     compare: Literal["cell", "pooled"] = "cell"  # NOTE (not in the paper): "pooled": Ans4 cells = Stack-NMN's Compare
