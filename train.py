@@ -800,9 +800,9 @@ class Run:
             if self.arch_opt:
                 self.arch_opt.load_state_dict(ckpt["arch_optimizer"])
         except (RuntimeError, ValueError, KeyError) as e:
-            fail(f"{path} does not fit the {self.name} model built from its own config ({type(e).__name__}: "
-                 f"{str(e).splitlines()[0][:200]}); it was written by another version of the code. Start a new "
-                 f"run with --init {path}, which loads the weights that fit and lists the rest")
+            fail(f"{path} does not fit the {self.name} model built from its own config ({reason(e)}); it was "
+                 f"written by another version of the code. Start a new run with --init {path} --init-partial, "
+                 "which loads the weights that fit and lists the rest")
         if ckpt.get("scaler"):
             self.scaler.load_state_dict(ckpt["scaler"])
         if "lr" in self.explicit["train"]:  # the optimizer's state holds the checkpoint's (maybe decayed) rate

@@ -448,13 +448,20 @@ def test_a_run_whose_data_is_gone_says_to_pass_data(tiny_data, tmp_path, monkeyp
     assert "pass --data" in msg and "omit --data" not in msg  # (--data was never passed to --resume)
 
 
-def test_resuming_a_checkpoint_that_does_not_fit_its_model_says_so(ckpt_run, tmp_path):
+def test_resuming_a_checkpoint_that_does_not_fit_its_model_says_so(ckpt_run, tiny_data, tmp_path):
     run = copy_run(ckpt_run, tmp_path / "run")
     ckpt = load(run / "last.pt")
-    ckpt["model"]["renamed.weight"] = ckpt["model"].pop("read.attn.weight")  # as from another version of mac.py
+    for part in ("model", "ema"):  # as from another version of mac.py
+        ckpt[part]["renamed.weight"] = ckpt[part].pop("read.attn.weight")
     train.save_checkpoint(run / "last.pt", {k: v for k, v in ckpt.items() if k != "digest"})  # a valid digest
     msg = error_of(["mac", "--out", str(run), "--resume"])
-    assert "does not fit the mac model" in msg and "--init" in msg and str(run / "last.pt") in msg
+    assert "does not fit the mac model" in msg and str(run / "last.pt") in msg
+    assert f"--init {run / 'last.pt'} --init-partial" in msg  # (a plain --init would refuse it too)
+    new = ["mac", "--init", str(run / "last.pt"), "--data", str(tiny_data), "--out", str(tmp_path / "new"), *TINY,
+           "--iters", "1"]
+    assert "read.attn.weight" in error_of(new)
+    train.main([*new, "--init-partial"])
+    assert load(tmp_path / "new" / "last.pt")["iter"] == 1  # the advice works
 
 
 class Payload:
