@@ -781,10 +781,18 @@ def checkpoint_config(cls, saved):
 
 def checkpoint_data(ckpt, data_dir=None):
     """(prepared data directory, load_info) to run a checkpoint on: `data_dir`, else the one it was trained
-    on if it is still there, else the built-in data; a DataError if its vocabulary is not the checkpoint's."""
+    on (the built-in data is made again if its cache is gone; other data must still be there); a DataError
+    if that data is gone or its vocabulary is not the checkpoint's."""
     if data_dir is None:
         saved = ckpt.get("data_dir")
-        data_dir = saved if saved and Path(saved).exists() else ensure_builtin()
+        builtin = [builtin_dir(tiny) for tiny in (False, True)]
+        if not saved or Path(saved).exists():
+            data_dir = saved or ensure_builtin()
+        elif any(Path(saved).is_relative_to(b) for b in builtin):
+            data_dir = ensure_builtin(tiny=Path(saved).is_relative_to(builtin[1]))
+        else:
+            raise DataError(f"the checkpoint was trained on {saved}, which is not there (a path relative to the "
+                            "folder the run started in, or data moved since): pass --data DIR")
     data_dir = resolve(data_dir)
     info = load_info(data_dir)
     if info["vocab_hash"] != ckpt["vocab_hash"]:

@@ -137,3 +137,18 @@ def test_python_data_py_prepare_still_works_as_prepare_py_clevr(tiny_clevr, tmp_
     assert f"prepared train, val -> {out}" in run.stdout
     for name in ("vocab.json", "info.json", "train_questions.h5", "val_images.h5"):
         assert (out / name).read_bytes() == (tiny_clevr / "prepared" / name).read_bytes(), name
+
+
+def test_a_checkpoint_runs_on_its_own_data_or_says_where_it_is_missing(tiny_data, tmp_path, monkeypatch):
+    """The data a run was trained on, never the built-in data in its place (that would evaluate silently
+    on other questions); only the built-in cache itself is made again when it is gone."""
+    monkeypatch.setenv("MINI_CLEVR_CACHE", str(tiny_data.parents[1]))  # tiny_data is the built-in data there
+    vocab_hash = data.load_info(tiny_data)["vocab_hash"]
+    ckpt = lambda saved: {"data_dir": saved, "vocab_hash": vocab_hash}
+    assert data.checkpoint_data(ckpt(str(tiny_data)))[0] == data.resolve(tiny_data)
+    monkeypatch.chdir(tmp_path)                                # a relative path, read from another folder
+    with pytest.raises(data.DataError, match="mini/prepared, which is not there.*--data"):
+        data.checkpoint_data(ckpt("mini/prepared"))
+    with pytest.raises(data.DataError, match="not there"):
+        data.checkpoint_data(ckpt(str(tmp_path / "moved" / "prepared")))
+    assert data.checkpoint_data(ckpt("mini/prepared"), tiny_data)[0] == data.resolve(tiny_data)  # --data
