@@ -183,6 +183,10 @@ class DACT(nn.Module):
         return out
 
 
+# the authors' recipe (ceyzaguirre4/DACT-MAC README): a 12-step MAC trained 10 epochs, then everything
+# fine-tuned 30 epochs with the halting unit (`--init` the MAC); the rest of the recipe is MAC's
+PRESETS = {"paper": dict(epochs=30)}
+
 Config, Model = DACTConfig, DACT  # names the trainer's registry looks for
 
 

@@ -60,14 +60,17 @@ class PGEEConfig:
     reward_decay: float = 0.9  # clevr-iep: moving-average baseline b <- 0.9 b + 0.1 mean(reward)
 
 
-# Smaller sizes for one CPU thread on the built-in mini-CLEVR, not from the paper (time per step and
-# accuracy, also with more training images, in RESULTS.md). Keys that are not PGEEConfig fields set the
-# trainer; lr 5e-4 and batch 64 are the IEP paper's (Sec. 4.1) but print as "(paper 0.0001)": the
-# trainer's defaults are MAC's. The joint stage needs --lr 1e-5 here: at 5e-4 Adam's steps wreck the PG
-# (RESULTS.md).
+# `laptop`: smaller sizes for one CPU thread on the built-in mini-CLEVR, not from the paper (time per step
+# and accuracy, also with more training images, in RESULTS.md); lr 5e-4 and batch 64 are the IEP paper's
+# (Sec. 4.1). Keys that are not PGEEConfig fields set the trainer. The joint stage needs --lr 1e-5 here:
+# at 5e-4 Adam's steps wreck the PG (RESULTS.md).
 PRESETS = {
+    # clevr-iep's recipe (scripts/train_model.py, TRAINING.md): Adam 5e-4, batch 64, no clipping, no moving
+    # average, no schedule; the EE's 100K iterations x 64 questions are 9.1 epochs of CLEVR's 700K (the PG's
+    # 20K iterations on 18K programs are 71 epochs of its subset: pass --epochs 71 with --stage pg)
+    "paper": dict(lr=5e-4, batch_size=64, clip=0.0, ema=0.0, schedule="constant", epochs=9),
     "laptop": dict(embed_dim=64, hidden_dim=128, module_dim=32, classifier_proj_dim=64, classifier_fc_dim=256,
-                   lr=5e-4, batch_size=64, epochs=7, lr_patience=2, threads=1),
+                   lr=5e-4, batch_size=64, epochs=7, lr_patience=2, lr_threshold=1e-4, threads=1),
 }
 
 
@@ -200,6 +203,9 @@ class PGEE(nn.Module):
         self.pg = ProgramGenerator(cfg, info["num_words"], len(self.idx_to_token))
         self.ee = ExecutionEngine(cfg, info)
         self.register_buffer("baseline", torch.zeros(()))               # moving average of the reward
+        # the trainer's hook: the lr schedule follows the stage's own val metric (the pg stage does not move
+        # the answer accuracy, which its untrained EE gives)
+        self.val_metric = "program_acc" if cfg.stage == "pg" else None
 
     def train_subset(self, n):
         """The trainer's hook: the pg stage learns from num_programs of the n training questions."""

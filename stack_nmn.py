@@ -63,6 +63,12 @@ class StackNMNConfig:
 # A CPU run on the built-in mini-CLEVR (not from the paper; its accuracy and time are in RESULTS.md,
 # "Stack-NMN"). Keys that are not Config fields set the trainer.
 PRESETS = {
+    # the official training recipe (ronghanghu/snmn, models_clevr_snmn/config.py, exp_clevr_snmn/train_net_vqa.py)
+    "paper": dict(lr=1e-4, batch_size=64,  # TRAIN.SOLVER.LR, TRAIN.BATCH_SIZE: Adam
+                  epochs=18,  # cfgs/vqa_*.yaml TRAIN.MAX_ITER 200000 x 64 questions: 18.3 epochs of CLEVR's 700K
+                  clip=0.0,  # solver.minimize: no gradient clipping
+                  ema=0.999,  # TRAIN.EMV_DECAY, the moving average used at test (TEST.USE_EMV)
+                  schedule="constant"),  # a constant learning rate
     "laptop": dict(dim=128, embed_dim=64, kb_dim=64, pe_dim=16, mem_dim=128, out_dim=128, output_dropout=0.0,
                    lr=1e-3, schedule="cosine", batch_size=128, epochs=14, threads=2),
 }

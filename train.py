@@ -18,6 +18,8 @@ Optional hooks, for a model's own training terms:
 - attribute `progress`: set to (iteration / iterations of --epochs) before every training forward
   (schedules inside the loss, e.g. LNMN's entropy weight);
 - `regularizer() -> scalar`: added to the loss of training steps only (Stack-NMN's weight decay);
+- attribute `val_metric`: the name of one of its "metrics" that the plateau schedule follows instead of
+  the answer accuracy (PG+EE's pg stage: program_acc);
 - `arch_optimizer() -> torch optimizer or None` and `arch_step(forward, batch, optimizer, autocast)`
   (DARTS-style bilevel training, LNMN's Algorithm 2): the optimizer's parameters are left out of the
   trainer's optimizer; after every weight update the trainer draws a batch of the training rows that
@@ -89,16 +91,18 @@ KINDS = data.QUESTION_KINDS
 class TrainConfig:
     data: str = ""  # prepared data directory (default: the built-in mini-CLEVR, made on first use)
     out: str = ""  # run directory (default: runs/MODEL[-WRAPPER]-TIMESTAMP)
-    preset: str = "auto"  # auto: laptop on the built-in data, gqa on GQA, paper (= Config defaults) with other --data
+    preset: str = "auto"  # auto: laptop on the built-in data, gqa on GQA, paper (Config defaults, the model's training recipe) with other --data
+    # The training recipe: MAC's values here; every model's `paper` preset sets its own paper's / code's
     epochs: int = 25  # stanfordnlp/mac-network README: --epochs 25
     iters: int = 0  # stop after this many training iterations in all (0: no limit); for smoke runs
     batch_size: int = 64  # MAC paper
     lr: float = 1e-4  # MAC paper: Adam
     clip: float = 8.0  # MAC paper: gradient-norm clipping (0: off)
     ema: float = 0.999  # MAC paper: decay of the weight average used for evaluation (0: off)
-    schedule: typing.Literal["plateau", "cosine"] = "plateau"  # plateau: ReduceLROnPlateau on val accuracy (MAC official code); cosine: to 0 by the last epoch
-    lr_factor: float = 0.5  # ReduceLROnPlateau on val accuracy (MAC official code)
-    lr_patience: int = 0  # epochs without a better val accuracy before the lr is cut (0: the first)
+    schedule: typing.Literal["plateau", "cosine", "constant"] = "plateau"  # plateau: ReduceLROnPlateau on val accuracy (DACT-MAC; MAC's TF code halves on the training loss); cosine: to 0 by the last epoch; constant: no schedule
+    lr_factor: float = 0.5  # plateau: the factor (DACT-MAC)
+    lr_patience: int = 0  # plateau: epochs without a better val accuracy before the lr is cut (0: the first)
+    lr_threshold: float = 1e-3  # plateau: the relative gain that counts as better (DACT-MAC; PyTorch's default 1e-4)
     seed: int = 0  # weights, dropout and shuffling
     device: str = "auto"  # auto: cuda, then mps, then cpu
     threads: int = 0  # CPU threads for torch (0: torch's default; small models run faster on 1)
@@ -119,6 +123,9 @@ RUN_FIELDS = {"out", "iters", "device", "threads", "log_every", "amp", "compile"
 
 # What a run directory holds (besides .lock): a new run refuses a folder with any of them.
 RUN_FILES = ("last.pt", "best.pt", "prev.pt", "metrics.jsonl", "run.json", "resumes.jsonl")
+
+
+RECIPE_FIELDS = ("epochs", "batch_size", "lr", "clip", "ema", "schedule", "lr_factor", "lr_patience", "lr_threshold")
 
 
 def fail(msg):
@@ -261,10 +268,10 @@ RULES = {
     "pixel_channels": (lambda v: len(v) > 0 and min(v) >= 1, "(one or more, each >= 1)"),
     **dict.fromkeys(("lr", "arch_lr", "sharpen_temp"), (lambda v: v > 0, "> 0")),
     **dict.fromkeys(("lr_factor", "halt_eps"), (lambda v: 0 < v < 1, "between 0 and 1 (both excluded)")),
-    **dict.fromkeys(("ema", "held_out", "stem_dropout", "question_dropout", "memory_dropout", "output_dropout"),
-                    BELOW_1),
+    **dict.fromkeys(("ema", "held_out", "stem_dropout", "question_dropout", "memory_dropout", "output_dropout",
+                     "read_dropout", "lr_threshold"), BELOW_1),
     **dict.fromkeys(("entropy_begin", "entropy_end", "entropy_switch", "arch_warmup", "reward_decay"), FROM_0_TO_1),
-    **dict.fromkeys(("clip", "tau", "weight_decay", "arch_wd"), (lambda v: v >= 0, ">= 0")),
+    **dict.fromkeys(("clip", "tau", "weight_decay", "arch_wd", "alpha_init_std"), (lambda v: v >= 0, ">= 0")),
 }
 
 
@@ -315,7 +322,7 @@ def apply_preset(name, cfgs, modules, explicit, log, why=None, keep=()):
     The parts in `keep` (those --init took from its checkpoint) take no preset values."""
     changes = []
     for part, mod in modules.items():  # the model's preset, then the wrapper's
-        preset = getattr(mod, "PRESETS", {}).get(name, {}) if name != "paper" else {}
+        preset = getattr(mod, "PRESETS", {}).get(name, {})  # paper: the training recipe, the sizes are the Config's
         for key, value in preset.items():
             where = part if hasattr(cfgs[part], key) else "train"
             if not hasattr(cfgs[where], key):
@@ -331,7 +338,10 @@ def apply_preset(name, cfgs, modules, explicit, log, why=None, keep=()):
         if cfgs[part] is not None:
             cfgs[part] = with_values(cfgs[part], explicit[part])
     why = why or ("built-in data" if not cfgs["train"].data else "--data given")
-    if changes:
+    if name == "paper":
+        recipe = ", ".join(f"{f}={fmt(getattr(cfgs['train'], f))}" for f in RECIPE_FIELDS)
+        log(f"preset paper ({why}): the Config defaults (the paper's sizes) and the training recipe {recipe}")
+    elif changes:
         log(f"preset {name} ({why}): {', '.join(changes)}; pass --preset paper for the paper's sizes")
     else:
         log(f"preset {name} ({why}): the Config defaults (the paper's sizes)")
@@ -771,7 +781,7 @@ class Run:
         self.held_out = np.setdiff1d(np.arange(len(split)), self.train_loader.rows if rows is not None else [])
         self.with_progress = [m for m in raw.modules() if hasattr(m, "progress")]
         self.scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(self.optimizer, mode="max", factor=cfg.lr_factor,
-                                                                    patience=cfg.lr_patience)
+                                                                    patience=cfg.lr_patience, threshold=cfg.lr_threshold)
 
     def restore(self):
         """--resume: every state from last.pt; --init: the checkpoint's EMA weights. Then the EMA copy."""
@@ -1046,8 +1056,9 @@ class Run:
         lr = self.optimizer.param_groups[0]["lr"]  # the rate this epoch trained at (its last iteration's)
         val = evaluate(self.ema, self.val_loader, self.device, self.autocast)
         if self.pos >= n_batches:
-            if self.cfg.schedule == "plateau":
-                self.scheduler.step(val["acc"])
+            if self.cfg.schedule == "plateau":  # on the model's own val metric where it names one (val_metric)
+                metric = getattr(self.inner, "val_metric", None)
+                self.scheduler.step(val["metrics"][metric] if metric else val["acc"])
             self.epoch, self.pos = self.epoch + 1, 0
         epoch_f = round(self.epoch + self.pos / n_batches, 4) if self.pos else self.epoch  # fractional after --iters
         self.write({"split": "train", "epoch": epoch_f, "iter": self.it,

@@ -245,3 +245,17 @@ def test_each_stage_runs_from_the_cli(tiny_data, tmp_path):
                 str(tmp_path / "pg" / "last.pt"), "--out", str(tmp_path / "joint"), *common])
     tr, val = records(tmp_path / "joint")
     assert set(tr["metrics"]) == {"program_acc", "reward"} and val["iter"] == 3
+
+
+@pytest.mark.parametrize("stage,metric", [("pg", "program_acc"), ("ee", None)])
+def test_the_plateau_schedule_follows_each_stages_own_val_metric(stage, metric, tiny_data, tmp_path, monkeypatch):
+    """The pg stage does not move the answer accuracy (its EE is not trained): its schedule reads the
+    program accuracy; the ee stage's reads the answer accuracy."""
+    seen = []
+    step = torch.optim.lr_scheduler.ReduceLROnPlateau.step
+    monkeypatch.setattr(torch.optim.lr_scheduler.ReduceLROnPlateau, "step",
+                        lambda self, value: (seen.append(value), step(self, value))[1])
+    train.main(["pg_ee", "--stage", stage, "--epochs", "1", "--schedule", "plateau", "--out", str(tmp_path / stage),
+                "--data", str(tiny_data), *TINY_FLAGS])
+    val = records(tmp_path / stage)[-1]
+    assert seen == [val["metrics"][metric] if metric else val["acc"]]

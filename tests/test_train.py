@@ -320,3 +320,29 @@ def test_error_for_a_damaged_or_missing_checkpoint(run_dir, tiny_data, tmp_path)
         (tmp_path / leftover / leftover).write_bytes(b"kept")
         assert "already holds a run" in error_of(["mac", "--data", str(tiny_data), "--out", str(tmp_path / leftover)])
         assert (tmp_path / leftover / leftover).read_bytes() == b"kept"
+
+
+RECIPES = {  # (model, wrapper): what --preset paper must give the trainer (the papers' and official codes')
+    ("mac", None): dict(lr=1e-4, batch_size=64, epochs=25, clip=8.0, ema=0.999, schedule="plateau", lr_threshold=1e-3),
+    ("mac", "dact"): dict(lr=1e-4, batch_size=64, epochs=30, clip=8.0, ema=0.999, schedule="plateau"),
+    ("stack_nmn", None): dict(lr=1e-4, batch_size=64, epochs=18, clip=0.0, ema=0.999, schedule="constant"),
+    ("lnmn", None): dict(lr=1e-4, batch_size=64, epochs=30, clip=0.0, schedule="constant"),
+    ("pg_ee", None): dict(lr=5e-4, batch_size=64, epochs=9, clip=0.0, ema=0.0, schedule="constant"),
+}
+
+
+@pytest.mark.parametrize("model,wrapper", RECIPES)
+def test_preset_paper_gives_each_models_own_training_recipe(model, wrapper, tiny_data, tmp_path, capsys):
+    """What the trainer will use, read from the Run it builds: the optimizer's rate, the batch, clipping,
+    the moving average and the schedule, not the preset's dict."""
+    argv = [model, *([wrapper] if wrapper else []), "--data", str(tiny_data), "--preset", "paper",
+            "--out", str(tmp_path / "run"), "--threads", "1"]
+    r = train.Run(argv, *train.parse_args(argv))
+    want = RECIPES[model, wrapper]
+    assert r.optimizer.param_groups[0]["lr"] == want["lr"]
+    assert r.train_loader.batch_size == want["batch_size"] and r.cfg.epochs == want["epochs"]
+    assert r.cfg.clip == want["clip"] and r.cfg.schedule == want["schedule"]
+    assert r.cfg.ema == want.get("ema", train.TrainConfig().ema)
+    if "lr_threshold" in want:
+        assert r.scheduler.threshold == want["lr_threshold"]
+    assert "preset paper (--data given)" in capsys.readouterr().out
