@@ -77,19 +77,55 @@ def sample_scene(rng, index, split, size, min_objects=3, max_objects=5):
     }
 
 
-def render(scene, supersample=2):
-    """Draw a scene as (S, S, 3) uint8, a pure function of the scene dict. Cubes are squares,
+CLEVR_FRAME = (480, 320)  # CLEVR v1.0's image width and height (clevr-dataset-gen render_images.py)
+
+
+def sample_clevr_scene(rng, index, split, min_objects=3, max_objects=10, frame=CLEVR_FRAME):
+    """A random scene as the CLEVR release writes it: only CLEVR's own fields, `pixel_coords` (x, y,
+    depth) in the W x H frame with depth the distance from the camera (smaller = nearer, CLEVR's
+    convention), up to 10 objects. Objects may overlap and occlude each other; every pair is still
+    MARGIN apart in x and in y, so left/right/front/behind stay unambiguous (CLEVR asks the same)."""
+    W, H = frame
+    n = int(rng.integers(min_objects, max_objects + 1))
+    objects = []
+    while len(objects) < n:
+        obj = {a: str(rng.choice(v)) for a, v in ATTRIBUTES.items()}
+        r = RADIUS[obj["size"]] * min(W, H)
+        x, y = rng.uniform(r, W - r), rng.uniform(r, H - r)
+        if all(abs(x - o["x"]) >= MARGIN * H and abs(y - o["y"]) >= MARGIN * H for o in objects):
+            objects.append(dict(obj, x=x, y=y, r=r, rotation=float(rng.uniform(0, 360))))
+    rels = {rel: [[j for j, b in enumerate(objects) if j != i and {
+        "left": b["x"] < a["x"], "right": b["x"] > a["x"],
+        "front": b["y"] > a["y"], "behind": b["y"] < a["y"]}[rel]] for i, a in enumerate(objects)]
+        for rel in RELATIONS}
+    return {
+        "split": split, "image_index": index, "image_filename": f"CLEVR_{split}_{index:06d}.png",
+        "objects": [{
+            "shape": o["shape"], "color": o["color"], "size": o["size"], "material": o["material"],
+            "3d_coords": [round(6 * o["x"] / W - 3, 3), round(3 - 6 * o["y"] / H, 3), round(6 * o["r"] / H, 3)],
+            "pixel_coords": [round(o["x"]), round(o["y"]), round(14 - 6 * o["y"] / H, 3)],
+            "rotation": round(o["rotation"], 3)} for o in objects],
+        "relationships": rels,
+        "directions": {"left": [-1, 0, 0], "right": [1, 0, 0], "front": [0, -1, 0], "behind": [0, 1, 0],
+                       "above": [0, 0, 1], "below": [0, 0, -1]},
+    }
+
+
+def render(scene, supersample=2, frame=None):
+    """Draw a scene as (H, W, 3) uint8, a pure function of the scene dict; frame (W, H) defaults to the
+    built-in's square (S, S), and radii are fractions of the shorter side. Cubes are squares,
     spheres discs, cylinders upright bodies with an elliptic cap; rubber is matte and evenly lit,
     metal is darker with a bright specular highlight. Supersampled for smooth edges."""
-    S, ss = scene["image_size"], supersample
-    n = S * ss
+    W, H = frame or (scene["image_size"], scene["image_size"])
+    S, ss = min(W, H), supersample
+    n, m = H * ss, W * ss
     floor = 0.50 + 0.12 * (np.arange(n, dtype=np.float32) + 0.5) / n  # a floor lit from the front
-    img = np.repeat(np.repeat(floor[:, None, None], n, axis=1), 3, axis=2)  # (n, n, 3)
+    img = np.repeat(np.repeat(floor[:, None, None], m, axis=1), 3, axis=2)  # (n, m, 3)
     for obj in sorted(scene["objects"], key=lambda o: o["pixel_coords"][1]):  # back to front
         cx, cy = obj["pixel_coords"][0] * ss, obj["pixel_coords"][1] * ss
         r = RADIUS[obj["size"]] * S * ss
         y0, y1 = max(int(cy - r) - 1, 0), min(int(cy + r) + 2, n)  # the object's bounding box
-        x0, x1 = max(int(cx - r) - 1, 0), min(int(cx + r) + 2, n)
+        x0, x1 = max(int(cx - r) - 1, 0), min(int(cx + r) + 2, m)
         yy, xx = np.mgrid[y0:y1, x0:x1].astype(np.float32) + 0.5
         dx, dy = (xx - cx) / r, (yy - cy) / r  # object-centred coordinates, radius 1
         cap = np.zeros_like(dx, dtype=bool)
@@ -108,7 +144,7 @@ def render(scene, supersample=2):
             shade = color * 0.55 + (0.95 - color * 0.55) * spec
         shade = np.where(cap[..., None], np.minimum(shade * 1.25 + 0.05, 1.0), shade)
         img[y0:y1, x0:x1] = np.where(mask[..., None], shade, img[y0:y1, x0:x1])
-    img = img.reshape(S, ss, S, ss, 3).mean(axis=(1, 3))  # (S, S, 3)
+    img = img.reshape(H, ss, W, ss, 3).mean(axis=(1, 3))  # (H, W, 3)
     return np.clip(img * 255 + 0.5, 0, 255).astype(np.uint8)
 
 
@@ -391,15 +427,16 @@ def make_question(rng, scene, family):
 # A split, and the whole dataset in CLEVR's layout
 # ------------------------------------------------------------------------------------------------
 
-def generate_split(rng, split, num_images, per_image, size, max_objects=5):
+def generate_split(rng, split, num_images, per_image, size, max_objects=5, clevr_layout=False):
     """Scenes and balanced questions for one split. Balancing (as CLEVR does per template):
     an answer is refused in a family once it is over-represented there, so the answer alone
-    cannot be guessed from the family."""
+    cannot be guessed from the family. clevr_layout: scenes of sample_clevr_scene (size unused)."""
     counts = [dict() for _ in FAMILIES]
     domains = [_answer_domain(f[0]) for f in FAMILIES]
     scenes, questions = [], []
     for index in range(num_images):
-        scene = sample_scene(rng, index, split, size, max_objects=max_objects)
+        scene = (sample_clevr_scene(rng, index, split, max_objects=max_objects) if clevr_layout
+                 else sample_scene(rng, index, split, size, max_objects=max_objects))
         scenes.append(scene)
         got = 0
         for family in rng.permutation(len(FAMILIES)).tolist() * 3:
@@ -436,14 +473,65 @@ def majority_baseline(train_questions, val_questions):
 
 
 def write_png(path, rgb):
-    """A minimal PNG writer (8-bit RGB), so that the built-in data needs no image library."""
-    h, w, _ = rgb.shape
+    """A minimal PNG writer (8-bit RGB, or RGBA for (H, W, 4)), so that the built-in data needs no
+    image library."""
+    h, w, c = rgb.shape
     raw = b"".join(b"\x00" + rgb[y].tobytes() for y in range(h))
 
     def chunk(tag, data):
         return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data) & 0xFFFFFFFF)
-    png = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0))
+    png = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 6 if c == 4 else 2, 0, 0, 0))
     Path(path).write_bytes(png + chunk(b"IDAT", zlib.compress(raw, 6)) + chunk(b"IEND", b""))
+
+
+def read_png(path):
+    """(H, W, 3) uint8 of an 8-bit RGB or RGBA PNG, not interlaced (CLEVR's and write_png's), with numpy
+    and zlib alone: alpha is dropped. Any other PNG, or a damaged file, raises ValueError."""
+    buf = Path(path).read_bytes()
+    if buf[:8] != b"\x89PNG\r\n\x1a\n":
+        raise ValueError("not a PNG file")
+    pos, idat, head = 8, [], None
+    while pos + 8 <= len(buf):
+        n, tag = struct.unpack(">I4s", buf[pos:pos + 8])
+        if tag == b"IHDR":
+            head = struct.unpack(">IIBBBBB", buf[pos + 8:pos + 21])
+        elif tag == b"IDAT":
+            idat.append(buf[pos + 8:pos + 8 + n])
+        pos += 12 + n
+    if head is None or head[2] != 8 or head[3] not in (2, 6) or head[6] != 0:
+        raise ValueError(f"not an 8-bit RGB or RGBA PNG without interlacing (IHDR {head})")
+    w, h, c = head[0], head[1], 3 if head[3] == 2 else 4
+    try:
+        rows = np.frombuffer(zlib.decompress(b"".join(idat)), np.uint8).reshape(h, 1 + w * c)
+    except (zlib.error, ValueError) as e:
+        raise ValueError(f"damaged image data ({e})") from None
+    return _unfilter(rows, c).reshape(h, w, c)[..., :3]
+
+
+def _unfilter(rows, c):
+    """PNG's per-row filters undone (None, Sub, Up, Average, Paeth): (h, 1 + w*c) -> (h, w*c) uint8."""
+    out = rows[:, 1:].astype(np.int32)
+    prev = np.zeros(out.shape[1], np.int32)
+    for y, kind in enumerate(rows[:, 0]):
+        line = out[y]
+        if kind == 1:
+            line = np.cumsum(line.reshape(-1, c), axis=0).reshape(-1) % 256
+        elif kind == 2:
+            line = (line + prev) % 256
+        elif kind in (3, 4):
+            for x in range(len(line)):
+                a, b = (line[x - c] if x >= c else 0), prev[x]
+                if kind == 3:
+                    line[x] = (line[x] + (a + b) // 2) % 256
+                    continue
+                d = prev[x - c] if x >= c else 0
+                p = a + b - d
+                pa, pb, pd = abs(p - a), abs(p - b), abs(p - d)
+                line[x] = (line[x] + (a if pa <= pb and pa <= pd else b if pb <= pd else d)) % 256
+        elif kind != 0:
+            raise ValueError(f"unknown PNG filter {kind}")
+        out[y] = prev = line
+    return out.astype(np.uint8)
 
 
 # What generate can honour: size -> (lowest, highest or None, why), checked before anything is written
@@ -470,10 +558,21 @@ def check_sizes(cfg, seed=0):
         raise DataError(f"--seed {seed}: must be 0 or more")
 
 
-def generate(out, tiny=False, seed=0, log=print, **sizes):
+def _write_release_pngs(folder, scenes):
+    """Each scene as CLEVR's PNG: CLEVR_FRAME (480 x 320), RGBA with an opaque alpha as Blender writes it."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for scene in scenes:
+        rgb = render(scene, frame=CLEVR_FRAME)  # (320, 480, 3)
+        write_png(folder / scene["image_filename"], np.dstack([rgb, np.full(rgb.shape[:2], 255, np.uint8)]))
+
+
+def generate(out, tiny=False, seed=0, log=print, clevr_layout=False, **sizes):
     """Write the built-in mini-CLEVR in CLEVR's layout: questions/ and scenes/ as in the release,
     images/{split}.h5 (dataset `images`, (N, S, S, 3) uint8: no image library needed) and a
-    preview.png of the first training images. `sizes` (None: the built-in's) must be in LIMITS."""
+    preview.png of the first training images. `sizes` (None: the built-in's) must be in LIMITS.
+    clevr_layout: the images as the release has them instead, 480 x 320 RGBA PNGs
+    images/{split}/CLEVR_{split}_NNNNNN.png, of sample_clevr_scene's scenes (CLEVR's own fields only,
+    overlap allowed; image_size is then unused), and no preview.png."""
     cfg = dict(BUILTIN["tiny" if tiny else "default"], **{k: v for k, v in sizes.items() if v is not None})
     check_sizes(cfg, seed)
     out = Path(out)
@@ -483,18 +582,21 @@ def generate(out, tiny=False, seed=0, log=print, **sizes):
     for split_id, split in enumerate(("train", "val")):
         rng = np.random.default_rng([seed, split_id])
         scenes, questions = generate_split(rng, split, cfg[f"{split}_images"], cfg["questions_per_image"],
-                                           cfg["image_size"], cfg["max_objects"])
+                                           cfg["image_size"], cfg["max_objects"], clevr_layout)
         info = {"split": split, "version": "mini-clevr-%d" % GENERATOR_VERSION, "seed": seed}
         (out / "scenes" / f"CLEVR_{split}_scenes.json").write_text(json.dumps({"info": info, "scenes": scenes}))
         (out / "questions" / f"CLEVR_{split}_questions.json").write_text(json.dumps({"info": info, "questions": questions}))
+        split_questions[split] = questions
+        log(f"  {split}: {len(scenes)} images, {len(questions)} questions")
+        if clevr_layout:
+            _write_release_pngs(out / "images" / split, scenes)
+            continue
         images = np.stack([render(s) for s in scenes])  # (N, S, S, 3)
         with h5py.File(out / "images" / f"{split}.h5", "w") as f:
             f.create_dataset("images", data=images)
         if split == "train":
             grid = images[:16].reshape(4, 4, *images.shape[1:]).transpose(0, 2, 1, 3, 4)
             write_png(out / "preview.png", grid.reshape(4 * images.shape[1], 4 * images.shape[2], 3))
-        split_questions[split] = questions
-        log(f"  {split}: {len(scenes)} images, {len(questions)} questions")
     base = majority_baseline(split_questions["train"], split_questions["val"])
     log(f"generated mini-CLEVR in {time.time() - t0:.0f}s -> {out}; "
         f"majority-answer-per-family baseline on val: {100 * base:.1f}%")
