@@ -167,11 +167,16 @@ def _resize(images, size):
 
 
 def read_rgb(path):
-    """One image file -> (H, W, 3) uint8 (CLEVR's PNGs are RGBA: alpha is dropped). Needs Pillow."""
+    """One image file -> (H, W, 3) uint8 (CLEVR's PNGs are RGBA: alpha is dropped). With Pillow when it is
+    installed; without it, mini_clevr.read_png reads 8-bit RGB and RGBA PNGs (CLEVR's, the generator's)."""
     try:
         from PIL import Image
     except ImportError:
-        raise DataError("reading CLEVR's PNG images needs Pillow: pip install pillow") from None
+        try:
+            return mini_clevr.read_png(path)
+        except (OSError, ValueError) as e:
+            raise DataError(f"{path}: not a readable PNG without Pillow ({first_line(e)}); download or unzip "
+                            "CLEVR's images again, or pip install pillow, which reads every PNG kind") from None
     try:
         with Image.open(path) as im:
             return np.asarray(im.convert("RGB"))
@@ -198,7 +203,10 @@ def _check_builtin_images(path, num_images):
 
 def prepare_pixels(clevr_dir, split, num_images, size, path, log=print):
     """Images of a split as (N, 3, size, size) uint8 in h5 (dataset `images`), row = image_index.
-    Reads images/{split}.h5 (the built-in data) or images/{split}/*.png (the release, via Pillow)."""
+    Reads images/{split}.h5 (the built-in data) or images/{split}/*.png (the release: Pillow, or numpy
+    for 8-bit RGB/RGBA PNGs). Returns each image's frame (N, 2): its width and height before resizing.
+    NOTE: a non-square image (CLEVR's 480 x 320) is resized to size x size, its aspect ratio not kept,
+    as clevr-iep resizes CLEVR to 224 x 224; the scene CNN maps pixel_coords by the same two scales."""
     src = clevr_dir / "images" / f"{split}.h5"
     with h5py.File(path, "w") as out:
         dset = out.create_dataset("images", (num_images, 3, size, size), dtype=np.uint8)
@@ -207,61 +215,89 @@ def prepare_pixels(clevr_dir, split, num_images, size, path, log=print):
             with h5py.File(src, "r") as f:
                 for i in range(0, num_images, 1024):
                     dset[i:i + 1024] = _resize(f["images"][i:i + 1024], size)
-            return
+                return np.tile(f["images"].shape[2:0:-1], (num_images, 1))  # (N, 2): W, H
         files = [clevr_dir / "images" / split / f"CLEVR_{split}_{i:06d}.png" for i in range(num_images)]
         missing = [p for p in files if not p.exists()]
         if missing:
             raise DataError(f"{len(missing)} images of split {split} are missing, e.g. {missing[0]}; "
                             f"expected the CLEVR_v1.0 layout images/{split}/CLEVR_{split}_NNNNNN.png")
-        batch, start, t0 = [], 0, time.time()
-        for i, png in enumerate(files):
-            batch.append(read_rgb(png))
-            if (i + 1) % 1000 == 0:
-                log(f"    {i + 1}/{len(files)} images, {(i + 1) / (time.time() - t0):.0f}/s")
-            if len(batch) == 256:
-                dset[start:start + 256] = _resize(np.stack(batch), size)
-                start, batch = start + 256, []
-        if batch:
-            dset[start:] = _resize(np.stack(batch), size)
+        frames, t0 = np.zeros((num_images, 2), np.int64), time.time()
+        for start in range(0, num_images, 256):
+            batch = [read_rgb(png) for png in files[start:start + 256]]
+            frames[start:start + len(batch)] = [(im.shape[1], im.shape[0]) for im in batch]
+            if len({im.shape for im in batch}) == 1:
+                dset[start:start + len(batch)] = _resize(np.stack(batch), size)
+            else:  # images of several sizes: one at a time
+                dset[start:start + len(batch)] = np.concatenate([_resize(im[None], size) for im in batch])
+            if (start + len(batch)) // 1000 > start // 1000:
+                log(f"    {start + len(batch)}/{len(files)} images, {(start + len(batch)) / (time.time() - t0):.0f}/s")
+        return frames
 
 
-def prepare_clevr(clevr_dir, out, images="pixels", size=64, vocab=None, features_dir=None, log=print):
-    """CLEVR layout -> prepared directory (vocab.json, info.json, questions and images h5)."""
-    clevr_dir, out = Path(clevr_dir), Path(out)
-    if type(size) is not int or size < 1 or (images == "scene-cnn" and size % 8):
-        raise DataError(f"--size {size}: must be 1 or more" + (", a multiple of 8 (the scene CNN's features have "
-                                                               "one cell per 8 x 8 pixels)" if images == "scene-cnn" else ""))
+def _read_questions(clevr_dir, limits):
+    """{split: questions} of questions/CLEVR_{split}_questions.json, checked, and the train split whole.
+    limits {split: N or None}: keep only the questions on the first N images of that split."""
     if not (clevr_dir / "questions").is_dir():
         raise DataError(f"{clevr_dir}: no questions/ folder; expected the CLEVR_v1.0 layout "
                         f"(images/, questions/, scenes/)")
     splits = [s for s in ("train", "val", "test") if (clevr_dir / "questions" / f"CLEVR_{s}_questions.json").exists()]
     if not splits:
         raise DataError(f"{clevr_dir}/questions has no CLEVR_{{train,val,test}}_questions.json")
-    questions_of = {}
+    questions_of, whole_train = {}, None
     for s in splits:
         path = clevr_dir / "questions" / f"CLEVR_{s}_questions.json"
         doc = load_json(path, f"{s} questions")
         if not isinstance(doc, dict) or not isinstance(doc.get("questions"), list):
             raise DataError(f"{path}: expected a JSON object with a 'questions' list")
         questions_of[s] = check_questions(doc["questions"], path)
+        whole_train = questions_of[s] if s == "train" else whole_train
+        if limits.get(s) is not None:
+            questions_of[s] = [q for q in questions_of[s] if q["image_index"] < limits[s]]
+            if not questions_of[s]:
+                raise DataError(f"{path}: no question is on the first {limits[s]} images; pass a larger --{s}-images")
+    return questions_of, whole_train
+
+
+def prepare_clevr(clevr_dir, out, images="pixels", size=64, vocab=None, features_dir=None, log=print,
+                  train_images=None, val_images=None):
+    """CLEVR layout -> prepared directory (vocab.json, info.json, questions and images h5).
+    train_images / val_images N: the first N images of that split and the questions on them (a slice
+    of CLEVR for a laptop); the vocabulary still comes from the whole train split, as without them."""
+    clevr_dir, out = Path(clevr_dir), Path(out)
+    if type(size) is not int or size < 1 or (images == "scene-cnn" and size % 8):
+        raise DataError(f"--size {size}: must be 1 or more" + (", a multiple of 8 (the scene CNN's features have "
+                                                               "one cell per 8 x 8 pixels)" if images == "scene-cnn" else ""))
+    limits = {"train": train_images, "val": val_images}
+    for s, n in limits.items():
+        if n is not None and (type(n) is not int or n < 1):
+            raise DataError(f"--{s}-images {n}: must be 1 or more (the first N {s} images and their questions)")
+    questions_of, whole_train = _read_questions(clevr_dir, limits)
     strict = vocab is not None  # a vocabulary made elsewhere must hold every token of these questions
     if vocab is None:
-        if "train" not in questions_of:
+        if whole_train is None:
             raise DataError("no train split to build the vocabulary from; pass --vocab VOCAB_JSON")
-        vocab = build_vocab(questions_of["train"])
+        vocab = build_vocab(whole_train)
     elif not isinstance(vocab, dict):
         vocab = load_vocab(vocab)
+    train_scenes = None
+    if images == "scene-cnn":  # checked before any image is read
+        if "train" not in questions_of:
+            raise DataError(f"{clevr_dir}: --images scene-cnn trains its CNN on the train split, and there is none; "
+                            "prepare with --images pixels or features")
+        train_scenes = load_scenes(clevr_dir, "train", max(q["image_index"] for q in questions_of["train"]) + 1)
     with staged(out, log) as tmp:
         (tmp / "vocab.json").write_text(json.dumps(vocab, indent=1))
         info = {"image_kind": images, "images": {}, "source": str(clevr_dir.resolve()), "vocab_hash": vocab_hash(vocab)}
+        frames = {}
         for s, questions in questions_of.items():
             source = clevr_dir / "questions" / f"CLEVR_{s}_questions.json"
             unk = encode_questions(questions, vocab, tmp / f"{s}_questions.h5",
                                    where=lambda i: f"{source}: question {i}", strict=strict)
             num_images = max(q["image_index"] for q in questions) + 1
-            log(f"  {s}: {len(questions)} questions on {num_images} images, {100 * unk:.2f}% <UNK> words")
+            log(f"  {s}: {len(questions)} questions on {num_images} images"
+                + (f" (--{s}-images {limits[s]})" if limits.get(s) else "") + f", {100 * unk:.2f}% <UNK> words")
             if images in ("pixels", "scene-cnn"):
-                prepare_pixels(clevr_dir, s, num_images, size, tmp / f"{s}_images.h5", log)
+                frames[s] = prepare_pixels(clevr_dir, s, num_images, size, tmp / f"{s}_images.h5", log)
                 info["images"][s] = f"{s}_images.h5"
             elif images == "features":
                 path = Path(features_dir or clevr_dir) / f"{s}_features.h5"
@@ -270,7 +306,7 @@ def prepare_clevr(clevr_dir, out, images="pixels", size=64, vocab=None, features
             else:
                 raise DataError(f"--images must be pixels, features or scene-cnn, not {images!r}")
         if images == "scene-cnn":
-            info.update(scene_cnn_features(clevr_dir, tmp, size, log=log))
+            info.update(scene_cnn_features(clevr_dir, tmp, size, log=log, frames=frames, train_scenes=train_scenes))
         (tmp / "info.json").write_text(json.dumps(info, indent=1))
     log(f"prepared {', '.join(questions_of)} -> {out}")
     return out
@@ -307,14 +343,60 @@ class SceneCNN(torch.nn.Module):
         return torch.cat([obj, *probs], 1)                               # (B, 1 + 15, G, G)
 
 
-def _cell_targets(scenes, grid):
-    """Per cell: -1 (no object centred there) or the index of each attribute's value. (N, 4, G, G)."""
+def load_scenes(clevr_dir, split, num_images):
+    """The first `num_images` scenes of scenes/CLEVR_{split}_scenes.json, each checked for what the scene
+    CNN learns from (every object's four attributes and `pixel_coords`), or a DataError that says what
+    is wrong and what to do."""
+    path = Path(clevr_dir) / "scenes" / f"CLEVR_{split}_scenes.json"
+    if not path.exists():
+        raise DataError(f"{path}: no such file; --images scene-cnn learns from the {split} split's scene "
+                        "annotations (CLEVR_v1.0 has them for train and val): add it, or prepare with "
+                        "--images pixels or --images features")
+    doc = load_json(path, f"{split} scenes")
+    scenes = doc.get("scenes") if isinstance(doc, dict) else None
+    if not isinstance(scenes, list) or len(scenes) < num_images:
+        raise DataError(f"{path}: expected a JSON object with a 'scenes' list of at least {num_images} scenes (one "
+                        f"per image its questions name), found {len(scenes) if isinstance(scenes, list) else 'none'}; "
+                        "use the scenes file of the same release as the questions")
+    for i, scene in enumerate(scenes[:num_images]):
+        objects = scene.get("objects") if isinstance(scene, dict) else None
+        for j, o in enumerate(objects if isinstance(objects, list) else [None]):
+            xy = o.get("pixel_coords") if isinstance(o, dict) else None
+            if not (isinstance(xy, list) and len(xy) >= 2 and all(type(v) in (int, float) for v in xy)):
+                raise DataError(f"{path}: scene {i}, object {j}: no 'pixel_coords' [x, y, depth] (found "
+                                f"{o if not isinstance(o, dict) else xy!r:.60}); --images scene-cnn needs them, "
+                                "as CLEVR v1.0's scenes have: use those, or --images pixels or features")
+            bad = [a for a in ATTR_ORDER if o.get(a) not in ATTRIBUTES[a]]
+            if bad:
+                raise DataError(f"{path}: scene {i}, object {j}: {bad[0]} {o.get(bad[0])!r} is not one of CLEVR's "
+                                f"{ATTRIBUTES[bad[0]]}; the scene CNN learns CLEVR's attribute values")
+    return scenes[:num_images]
+
+
+def _cell_targets(scenes, grid, frames=None):
+    """Per cell: -1 (no object centred there) or the index of each attribute's value. (N, 4, G, G), and
+    how many objects share their cell with another. frames (N, 2): each image's width and height, the
+    frame of its pixel_coords (default: the built-in scenes' square image_size); x and y are scaled by
+    grid / width and grid / height (prepare_pixels resizes every image to a square the same way).
+    Objects in one cell: the cell learns the nearest to the camera (the smallest pixel_coords depth,
+    CLEVR's convention), which occludes the others. The built-in generator's scenes (with
+    `image_size`, where the third value is not a depth and objects never overlap) keep their listed
+    order, the last one listed winning, so that the built-in data's features stay as they were."""
     t = np.full((len(scenes), len(ATTR_ORDER), grid, grid), -1, dtype=np.int64)
+    shared = 0
     for i, scene in enumerate(scenes):
-        for o in scene["objects"]:
-            gx, gy = (min(int(v / scene["image_size"] * grid), grid - 1) for v in o["pixel_coords"][:2])
+        w, h = (scene["image_size"],) * 2 if frames is None else frames[i]
+        objects = scene["objects"]
+        if "image_size" not in scene:  # far to near: the nearest is written last
+            objects = sorted(objects, key=lambda o: -o["pixel_coords"][2] if len(o["pixel_coords"]) > 2 else 0)
+        cells = set()
+        for o in objects:
+            x, y = o["pixel_coords"][:2]
+            gx, gy = (max(min(int(v / side * grid), grid - 1), 0) for v, side in ((x, w), (y, h)))
+            shared += (gx, gy) in cells
+            cells.add((gx, gy))
             t[i, :, gy, gx] = [ATTRIBUTES[a].index(o[a]) for a in ATTR_ORDER]
-    return torch.from_numpy(t)
+    return torch.from_numpy(t), shared
 
 
 def train_scene_cnn(pixels, targets, channels=32, iters=1500, seed=0, log=print):
@@ -343,14 +425,14 @@ def train_scene_cnn(pixels, targets, channels=32, iters=1500, seed=0, log=print)
     return cnn.eval()
 
 
-def _log_scene_cnn_on_val(cnn, clevr_dir, out, grid, log):
-    """How well the scene CNN sees, on val: cells with or without an object, and each attribute."""
-    val_scenes = clevr_dir / "scenes" / "CLEVR_val_scenes.json"
-    if not ((out / "val_images.h5").exists() and val_scenes.exists()):
+def _log_scene_cnn_on_val(cnn, clevr_dir, out, grid, frames, log):
+    """How well the scene CNN sees, on val: cells with or without an object, and each attribute.
+    Nothing when val has no images here or no scenes file (the scenes, when there, are checked)."""
+    if not ((out / "val_images.h5").exists() and (clevr_dir / "scenes" / "CLEVR_val_scenes.json").exists()):
         return
     with h5py.File(out / "val_images.h5", "r") as f, torch.no_grad():
         logits = cnn(torch.from_numpy(f["images"][:]).float() / 255)  # (N, 16, G, G)
-    t = _cell_targets(load_json(val_scenes, "val scenes")["scenes"], grid)
+    t, _ = _cell_targets(load_scenes(clevr_dir, "val", len(logits)), grid, frames)
     present = t[:, 0] >= 0  # (N, G, G)
     sizes = [len(ATTRIBUTES[a]) for a in ATTR_ORDER]
     accs = [((logits[:, 0] > 0) == present).float().mean()] + [
@@ -360,19 +442,26 @@ def _log_scene_cnn_on_val(cnn, clevr_dir, out, grid, log):
         "shape {:.1%} of the objects".format(*accs))
 
 
-def scene_cnn_features(clevr_dir, out, size, channels=32, iters=1500, log=print, seed=0):
+def scene_cnn_features(clevr_dir, out, size, channels=32, iters=1500, log=print, seed=0, frames=None,
+                       train_scenes=None):
     """Train SceneCNN on the train split's pixels and scene annotations, then write its predictions,
     with x and y coordinate channels appended, as {split}_features.h5 (float16) in place of the
-    {split}_images.h5 pixels. Returns what info.json says about them."""
-    grid = size // 8
+    {split}_images.h5 pixels, for every split there (test too: it needs no scenes). frames:
+    {split: (N, 2)} the images' widths and heights before resizing (prepare_pixels' return; default
+    the built-in scenes' image_size); train_scenes: load_scenes' list, when read already. Returns what
+    info.json says about them."""
+    grid, frames = size // 8, frames or {}
     with h5py.File(out / "train_images.h5", "r") as f:
         pixels = torch.from_numpy(f["images"][:])  # (N, 3, S, S) uint8
-    scenes = load_json(clevr_dir / "scenes" / "CLEVR_train_scenes.json", "train scenes")["scenes"]
-    targets = _cell_targets(scenes, grid)  # (N, 4, G, G)
+    scenes = train_scenes or load_scenes(clevr_dir, "train", len(pixels))
+    targets, shared = _cell_targets(scenes, grid, frames.get("train"))  # (N, 4, G, G)
+    total = sum(len(sc["objects"]) for sc in scenes)
+    log(f"  scene CNN targets: {shared} of {total} train objects ({shared / max(total, 1):.1%}) share their "
+        f"{grid} x {grid} grid cell with another; the cell learns the nearest")
     t0 = time.time()
     iters = iters if len(pixels) >= 1000 else 30  # the tiny data: a few steps are enough
     cnn = train_scene_cnn(pixels, targets, channels, iters, seed, log)
-    _log_scene_cnn_on_val(cnn, clevr_dir, out, grid, log)
+    _log_scene_cnn_on_val(cnn, clevr_dir, out, grid, frames.get("val"), log)
     ys, xs = torch.meshgrid(torch.linspace(-1, 1, grid), torch.linspace(-1, 1, grid), indexing="ij")
     coords = torch.stack([xs, ys])  # (2, G, G)
     C = 1 + sum(len(v) for v in ATTRIBUTES.values()) + 2  # object, 15 attribute values, x, y
@@ -770,6 +859,9 @@ def _parser():
     r.add_argument("--size", type=int, default=64, help="pixels: resize images to SIZE x SIZE")
     r.add_argument("--features-dir", help="features: folder with {split}_features.h5 (default: CLEVR_DIR)")
     r.add_argument("--vocab", help="encode with this existing vocab.json instead of building one")
+    r.add_argument("--train-images", type=int, metavar="N", help="only the first N train images and their "
+                                                                  "questions (a slice of CLEVR for a laptop)")
+    r.add_argument("--val-images", type=int, metavar="M", help="only the first M val images and their questions")
     x = sub.add_parser("features", help="ResNet-101 layer3 features of CLEVR's PNGs (needs torchvision, Pillow)")
     x.add_argument("clevr_dir")
     x.add_argument("--out", required=True, help="writes {split}_features.h5 here (clevr --features-dir)")
@@ -820,7 +912,8 @@ def main(argv=None):
             out = prepare_gqa(args.gqa_dir, args.out, args.variant, args.val_split)
             print(f"train with: python train.py mac --data {out}")
         elif args.cmd == "clevr":
-            prepare_clevr(args.clevr_dir, args.out, args.images, args.size, args.vocab, args.features_dir)
+            prepare_clevr(args.clevr_dir, args.out, args.images, args.size, args.vocab, args.features_dir,
+                          train_images=args.train_images, val_images=args.val_images)
     except DataError as e:
         sys.exit(f"error: {e}")
 

@@ -122,7 +122,7 @@ def test_cli_generate_passes_max_objects_on(tmp_path, clevr_json):
 def test_scene_cnn_targets_put_each_object_in_its_cell():
     rng = np.random.default_rng(5)
     scenes = [mini_clevr.sample_scene(rng, i, "train", 48) for i in range(30)]
-    t = prepare._cell_targets(scenes, 6)  # (N, 4, 6, 6): -1 or the index of each attribute's value
+    t, _ = prepare._cell_targets(scenes, 6)  # (N, 4, 6, 6): -1 or the index of each attribute's value
     for i, scene in enumerate(scenes):
         for o in scene["objects"]:
             gx, gy = int(o["pixel_coords"][0] / 8), int(o["pixel_coords"][1] / 8)

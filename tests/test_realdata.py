@@ -190,8 +190,11 @@ def test_missing_images_and_libraries_say_what_to_do(clevr, monkeypatch):
     monkeypatch.setitem(sys.modules, "PIL", None)
     with pytest.raises(data.DataError, match="pip install torchvision"):
         prepare.resnet101_layer3()
-    with pytest.raises(data.DataError, match="pip install pillow"):
-        prepare.read_rgb(clevr / "images" / "val" / "CLEVR_val_000000.png")
+    png = clevr / "images" / "val" / "CLEVR_val_000001.png"  # without Pillow: CLEVR's RGBA PNGs read with numpy
+    assert np.array_equal(prepare.read_rgb(png), read_png(png)[..., :3])
+    png.write_bytes(png.read_bytes()[:200])  # cut short: a damaged file
+    with pytest.raises(data.DataError, match=rf"^{png}: not a readable PNG without Pillow .*pip install pillow"):
+        prepare.read_rgb(png)
 
 
 # ----------------------------------------------------------------------------------------------------
