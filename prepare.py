@@ -2,8 +2,9 @@
 directory that train.py reads (vocab.json, info.json, questions and images h5; the layout is in data.py's
 docstring), plus ResNet-101 feature extraction, CLEVR-Humans and GQA.
 
-    python prepare.py generate [--out DIR] [--tiny]          # built-in mini-CLEVR, CLEVR layout + prepared/
+    python prepare.py generate [--out DIR] [--tiny] [--clevr-layout]  # built-in mini-CLEVR, CLEVR layout + prepared/
     python prepare.py clevr CLEVR_DIR --out DIR [--images pixels|features|scene-cnn] [--size N] [--vocab V]
+                            [--train-images N] [--val-images M]   # the first N / M images: CLEVR on a laptop
     python prepare.py features CLEVR_DIR --out DIR [--float16] [--clevr-iep-std]  # ResNet-101 layer3, resumable
     python prepare.py humans HUMANS_DIR --clevr PREPARED_CLEVR --out DIR       # CLEVR-Humans on CLEVR's vocab
     python prepare.py gqa GQA_DIR [--variant balanced|all]                     # GQA -> GQA_DIR/prepared
@@ -850,6 +851,9 @@ def _parser():
     g.add_argument("--questions-per-image", type=int)
     g.add_argument("--image-size", type=int)
     g.add_argument("--max-objects", type=int)
+    g.add_argument("--clevr-layout", action="store_true",
+                   help="images as the CLEVR release has them: 480 x 320 RGBA PNGs images/SPLIT/CLEVR_SPLIT_NNNNNN.png, "
+                        "scenes with CLEVR's fields only, objects may overlap (up to --max-objects, at most 10)")
     r = sub.add_parser("clevr", help="CLEVR_v1.0 folder -> prepared folder (vocab, h5)")
     r.add_argument("clevr_dir")
     r.add_argument("--out", required=True, help="the prepared folder; one that exists is replaced only once the "
@@ -894,7 +898,7 @@ def main(argv=None):
                 print(ensure_builtin(args.tiny))
                 return
             sizes = {k: getattr(args, k) for k in mini_clevr.LIMITS}
-            mini_clevr.generate(args.out, tiny=args.tiny, seed=args.seed, **sizes)
+            mini_clevr.generate(args.out, tiny=args.tiny, seed=args.seed, clevr_layout=args.clevr_layout, **sizes)
             size = args.image_size or mini_clevr.BUILTIN["tiny" if args.tiny else "default"]["image_size"]
             prepare_clevr(args.out, Path(args.out) / "prepared", images="scene-cnn", size=size)
             # --data alone picks the paper preset (train.py); this data is the built-in kind, so say laptop
