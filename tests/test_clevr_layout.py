@@ -7,6 +7,7 @@ import re
 import shutil
 import struct
 import sys
+import zlib
 
 import h5py
 import numpy as np
@@ -71,6 +72,35 @@ def test_builtin_png_writer_round_trips_rgb_and_rgba(tmp_path):
         img = rng.integers(0, 256, (7, 5, channels), dtype=np.uint8)
         mini_clevr.write_png(tmp_path / "x.png", img)
         assert np.array_equal(mini_clevr.read_png(tmp_path / "x.png"), img[..., :3])
+
+
+def filter_rows(img, kind):
+    """img (H, W, C) uint8 as PNG's rows of filter `kind` (0 None, 1 Sub, 2 Up, 3 Average, 4 Paeth), by
+    the PNG specification's definitions: (H, 1 + W*C) uint8."""
+    h, w, c = img.shape
+    raw, prev, out = img.reshape(h, -1).astype(int), np.zeros(w * c, int), []
+    for line in raw:
+        a, b, d = np.r_[[0] * c, line[:-c]], prev, np.r_[[0] * c, prev[:-c]]
+        p = a + b - d
+        paeth = np.where((abs(p - a) <= abs(p - b)) & (abs(p - a) <= abs(p - d)), a, np.where(abs(p - b) <= abs(p - d), b, d))
+        pred = [0, a, b, (a + b) // 2, paeth][kind]
+        out.append(np.r_[kind, (line - pred) % 256])
+        prev = line
+    return np.array(out, np.uint8)
+
+
+@pytest.mark.parametrize("kind", range(5))
+@pytest.mark.parametrize("channels", [3, 4])
+def test_png_reader_undoes_every_filter(tmp_path, kind, channels):
+    img = np.random.default_rng(kind).integers(0, 256, (6, 9, channels), dtype=np.uint8)
+    rows = filter_rows(img, kind)
+    body = zlib.compress(rows.tobytes())
+    head = struct.pack(">IIBBBBB", 9, 6, 8, 6 if channels == 4 else 2, 0, 0, 0)
+
+    def chunk(tag, data):
+        return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data))
+    (tmp_path / "f.png").write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", head) + chunk(b"IDAT", body) + chunk(b"IEND", b""))
+    assert np.array_equal(mini_clevr.read_png(tmp_path / "f.png"), img[..., :3])
 
 
 def test_scene_cnn_on_the_release_layout_encodes_every_split(layout, tmp_path):
