@@ -361,7 +361,9 @@ def load_scenes(clevr_dir, split, num_images):
                         "use the scenes file of the same release as the questions")
     for i, scene in enumerate(scenes[:num_images]):
         objects = scene.get("objects") if isinstance(scene, dict) else None
-        for j, o in enumerate(objects if isinstance(objects, list) else [None]):
+        if not isinstance(objects, list):
+            raise DataError(f"{path}: scene {i} has no 'objects' list; use the scenes file of the CLEVR release")
+        for j, o in enumerate(objects):
             xy = o.get("pixel_coords") if isinstance(o, dict) else None
             if not (isinstance(xy, list) and len(xy) >= 2 and all(type(v) in (int, float) for v in xy)):
                 raise DataError(f"{path}: scene {i}, object {j}: no 'pixel_coords' [x, y, depth] (found "
@@ -458,7 +460,7 @@ def scene_cnn_features(clevr_dir, out, size, channels=32, iters=1500, log=print,
     targets, shared = _cell_targets(scenes, grid, frames.get("train"))  # (N, 4, G, G)
     total = sum(len(sc["objects"]) for sc in scenes)
     log(f"  scene CNN targets: {shared} of {total} train objects ({shared / max(total, 1):.1%}) share their "
-        f"{grid} x {grid} grid cell with another; the cell learns the nearest")
+        f"cell of the {grid} x {grid} grid with another; the cell learns the nearest")
     t0 = time.time()
     iters = iters if len(pixels) >= 1000 else 30  # the tiny data: a few steps are enough
     cnn = train_scene_cnn(pixels, targets, channels, iters, seed, log)

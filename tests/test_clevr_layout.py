@@ -195,7 +195,15 @@ def damage_png(root):
     png.write_bytes(png.read_bytes()[:300])
 
 
+def drop_objects(root):
+    path = root / "scenes" / "CLEVR_train_scenes.json"
+    doc = json.loads(path.read_text())
+    del doc["scenes"][5]["objects"]
+    path.write_text(json.dumps(doc))
+
+
 FAULTS = [  # (what is done to the folder, --images, the message)
+    (drop_objects, "scene-cnn", r"CLEVR_train_scenes.json: scene 5 has no 'objects' list"),
     (drop_pixel_coords, "scene-cnn", r"CLEVR_train_scenes.json: scene 3, object 1: no 'pixel_coords'"),
     (lambda r: (r / "scenes" / "CLEVR_train_scenes.json").unlink(), "scene-cnn",
      r"CLEVR_train_scenes.json: no such file; --images scene-cnn learns from the train split's scene annotations"),
