@@ -233,3 +233,18 @@ def test_a_faulty_release_folder_is_named_with_the_fix(layout, tmp_path, damage,
 def test_a_slice_of_no_images_is_refused(layout, tmp_path, flag):
     with pytest.raises(SystemExit, match=f"^error: {flag} 0: must be 1 or more"):
         prepare.main(["clevr", str(layout), "--out", str(tmp_path / "p"), flag, "0"])
+
+
+@pytest.fixture(scope="module")
+def layout_prepared(layout, tmp_path_factory):
+    """The release-layout fixture through scene-cnn, as `prepare.py clevr --images scene-cnn` makes it."""
+    out = tmp_path_factory.mktemp("layout-prepared") / "prep"
+    return prepare.prepare_clevr(layout, out, images="scene-cnn", size=32, log=lambda *a, **k: None)
+
+
+@pytest.mark.parametrize("argv", [["stack_nmn"], ["stack_nmn", "--layout", "gt"], ["lnmn"], ["pg_ee"],
+                                  ["mac", "dact"], ["mac", "act"], ["stack_nmn", "dact"]])
+def test_every_model_trains_on_the_release_layout_with_its_laptop_preset(argv, layout_prepared, tmp_path):
+    res = train.main([*argv, "--data", str(layout_prepared), "--preset", "laptop", "--iters", "2",
+                      "--threads", "1", "--out", str(tmp_path / "run")])
+    assert res["final_acc"] is not None and res["out"] == str(tmp_path / "run")
