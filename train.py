@@ -132,11 +132,6 @@ def fail(msg):
     raise SystemExit(f"error: {msg}")
 
 
-def reason(e):
-    """An exception in a message: its type and the first line of its text."""
-    return f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
-
-
 # ----------------------------------------------------------------------------------------------------
 # Command line: flags generated from the Config dataclasses
 
@@ -418,7 +413,7 @@ def save_checkpoint(path, ckpt, keep=None):
     try:
         write_atomic(path, lambda f: torch.save({**ckpt, "digest": data.tensor_digest(ckpt)}, f), keep)
     except (OSError, RuntimeError) as e:  # torch.save reports a full disk as RuntimeError
-        fail(f"could not write checkpoint {path} ({reason(e)}); {path.name} still holds the previous checkpoint, "
+        fail(f"could not write checkpoint {path} ({data.first_line(e)}); {path.name} still holds the previous checkpoint, "
              "if there was one. Free disk space (or pick another --out), then continue with --resume")
 
 
@@ -432,7 +427,7 @@ def append_line(path, rec, advice):
     except OSError as e:
         with suppress(OSError):
             os.truncate(path, size) if size is not None else path.unlink()
-        fail(f"could not write {path} ({reason(e)}); {advice}")
+        fail(f"could not write {path} ({data.first_line(e)}); {advice}")
 
 
 def read_checkpoint(path, model_name, hint=""):
@@ -810,7 +805,7 @@ class Run:
             if self.arch_opt:
                 self.arch_opt.load_state_dict(ckpt["arch_optimizer"])
         except (RuntimeError, ValueError, KeyError) as e:
-            fail(f"{path} does not fit the {self.name} model built from its own config ({reason(e)}); it was "
+            fail(f"{path} does not fit the {self.name} model built from its own config ({data.first_line(e)}); it was "
                  f"written by another version of the code. Start a new run with --init {path} --init-partial, "
                  "which loads the weights that fit and lists the rest")
         if ckpt.get("scaler"):
@@ -852,7 +847,7 @@ class Run:
             try:
                 out.mkdir(parents=True, exist_ok=True)
             except OSError as e:
-                fail(f"cannot make the run directory {out} ({reason(e)}): choose another --out")
+                fail(f"cannot make the run directory {out} ({data.first_line(e)}): choose another --out")
             self.lock_dir()
             record = run_info(self.argv, self.cfgs, self.model_name, self.wrapper_name, self.data_dir, self.info)
             if self.resuming:  # run.json keeps the first invocation; each later one is a line of resumes.jsonl
@@ -863,7 +858,7 @@ class Run:
                 try:
                     write_atomic(out / "run.json", lambda f: f.write((json.dumps(record, indent=2) + "\n").encode()))
                 except OSError as e:
-                    fail(f"could not write {out / 'run.json'} ({reason(e)}): free disk space (or choose another "
+                    fail(f"could not write {out / 'run.json'} ({data.first_line(e)}): free disk space (or choose another "
                          "--out), then run the same command again")
             self.log(f"run directory {out}")
         self.model = torch.compile(self.raw) if self.cfg.compile else self.raw
@@ -904,7 +899,7 @@ class Run:
             self.log(f"note: {self.out} has no run.json (the first invocation's command line and config); this "
                      "invocation is recorded in resumes.jsonl, the configs are in the checkpoints")
         except (OSError, ValueError) as e:
-            self.log(f"note: {path} is damaged ({reason(e)}): the first invocation's record is lost; this "
+            self.log(f"note: {path} is damaged ({data.first_line(e)}): the first invocation's record is lost; this "
                      "invocation is recorded in resumes.jsonl, the configs are in the checkpoints")
 
     def trim_metrics(self):
@@ -926,7 +921,7 @@ class Run:
             try:
                 write_atomic(path, lambda f: f.write("".join(keep).encode()))
             except OSError as e:
-                fail(f"could not rewrite {path} ({reason(e)}): free disk space, then --resume again")
+                fail(f"could not rewrite {path} ({data.first_line(e)}): free disk space, then --resume again")
             self.log(f"{path}: dropped {len(text.splitlines()) - len(keep)} lines, records after iteration "
                      f"{self.it} (the checkpoint's) or cut short; the resumed run writes its records again")
 
