@@ -374,7 +374,7 @@ def bench_train(cfg, device, quick=False, log=print):
         run = trainer_run(spec, data_dir, device, **({"batch_size": cfg.batch_size} if cfg.batch_size else {}))
         run.model = run.raw  # no torch.compile, no DDP: the step as a single process takes it
         batch = {k: v.to(device) for k, v in next(iter(run.train_loader)).items()}
-        total = max(run.cfg.epochs * len(run.train_loader), 1)
+        total = max(run.recipe.epochs * len(run.train_loader), 1)
         ms = timed(lambda: run.step(batch, total), device, cfg.repeats)[0]
         B = len(batch["answer"])
         row = {"model": spec, "batch": B, "ms_per_step": ms, "questions_per_s": 1e3 * B / ms,

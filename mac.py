@@ -45,20 +45,26 @@ class MACConfig:
 
 
 # Smaller sizes for a CPU run on the built-in mini-CLEVR (not from the paper; its time and accuracy are
-# in RESULTS.md). Keys that are not MACConfig fields set the trainer.
+# in RESULTS.md). Keys that are not MACConfig fields set the training recipe (train.Recipe) or the trainer.
 PRESETS = {
     # the paper's training recipe (the sizes are MACConfig's defaults):
     "paper": dict(lr=1e-4, batch_size=64,  # Sec. 4: Adam 1e-4, batch 64
                   epochs=25,  # stanfordnlp/mac-network README: --epochs 25
                   clip=8.0, ema=0.999,  # official code: gradient norm clipped at 8, weights' moving average 0.999
-                  schedule="plateau", lr_factor=0.5, lr_threshold=1e-3),  # DACT-MAC: halve on a val-accuracy plateau
+                  schedule="plateau",  # DACT-MAC: on the val accuracy (MAC's TF code halves on the training loss)
+                  lr_factor=0.5, lr_patience=0,  # DACT-MAC train.py: ReduceLROnPlateau(factor=0.5, patience=0, ...
+                  lr_threshold=1e-3),  # ... threshold=0.001): halve after the first epoch without a 0.1% gain
     "laptop": dict(dim=64, embed_dim=64, pixel_channels=(32, 64, 64),
                    stem_dropout=0.0, question_dropout=0.0, memory_dropout=0.0, output_dropout=0.0, read_dropout=0.0,
                    official_init=False,  # the preset's measured runs used PyTorch's init for the stem and embeddings
-                   lr=2e-3, batch_size=128, epochs=9, lr_patience=2, lr_threshold=1e-4, threads=2),
+                   lr=2e-3, batch_size=128, epochs=9, lr_patience=2, lr_threshold=1e-4, threads=2,
+                   clip=8.0, ema=0.999, schedule="plateau", lr_factor=0.5),  # what its measured runs used
     # GQA, as the DACT code trains MAC on it (config/gqa_defaults.py; DACT paper Sec. 5): 4 steps,
     # 5 epochs; train.py picks it when the data's info.json says GQA
-    "gqa": dict(max_steps=4, epochs=5),
+    "gqa": dict(max_steps=4, epochs=5,  # ACT.MAX_ITER 4, SOLVER.EPOCHS 5
+                lr=1e-4, batch_size=64, clip=8.0,  # SOLVER.LR, DATALOADER.BATCH_SIZE, SOLVER.GRAD_CLIP: the paper's
+                ema=0.999, schedule="plateau",  # train.py: accumulate(decay=0.999), SOLVER.USE_SCHEDULER
+                lr_factor=0.5, lr_patience=0, lr_threshold=1e-3),  # train.py: ReduceLROnPlateau, as on CLEVR
 }
 
 

@@ -62,15 +62,18 @@ class PGEEConfig:
 
 # `laptop`: smaller sizes for one CPU thread on the built-in mini-CLEVR, not from the paper (time per step
 # and accuracy, also with more training images, in RESULTS.md); lr 5e-4 and batch 64 are the IEP paper's
-# (Sec. 4.1). Keys that are not PGEEConfig fields set the trainer. The joint stage needs --lr 1e-5 here:
-# at 5e-4 Adam's steps wreck the PG (RESULTS.md).
+# (Sec. 4.1). Keys that are not PGEEConfig fields set the training recipe (train.Recipe) or the trainer. The
+# joint stage needs --lr 1e-5 here: at 5e-4 Adam's steps wreck the PG (RESULTS.md).
 PRESETS = {
-    # clevr-iep's recipe (scripts/train_model.py, TRAINING.md): Adam 5e-4, batch 64, no clipping, no moving
-    # average, no schedule; the EE's 100K iterations x 64 questions are 9.1 epochs of CLEVR's 700K (the PG's
-    # 20K iterations on 18K programs are 71 epochs of its subset: pass --epochs 71 with --stage pg)
-    "paper": dict(lr=5e-4, batch_size=64, clip=0.0, ema=0.0, schedule="constant", epochs=9),
+    # clevr-iep's recipe (scripts/train_model.py, TRAINING.md)
+    "paper": dict(lr=5e-4, batch_size=64,  # Sec. 4.1, train_model.py: Adam 5e-4, batch 64
+                  clip=0.0, ema=0.0,  # train_model.py: no gradient clipping, no moving average of the weights
+                  schedule="constant",  # train_model.py: no learning-rate schedule
+                  epochs=9),  # the EE's 100K iterations x 64 questions: 9.1 epochs of CLEVR's 700K (the PG's 20K
+    # iterations on 18K programs are 71 epochs of its subset: pass --epochs 71 with --stage pg)
     "laptop": dict(embed_dim=64, hidden_dim=128, module_dim=32, classifier_proj_dim=64, classifier_fc_dim=256,
-                   lr=5e-4, batch_size=64, epochs=7, lr_patience=2, lr_threshold=1e-4, threads=1),
+                   lr=5e-4, batch_size=64, epochs=7, lr_patience=2, lr_threshold=1e-4, threads=1,
+                   clip=8.0, ema=0.999, schedule="plateau", lr_factor=0.5),  # what its measured runs used
 }
 
 

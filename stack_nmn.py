@@ -61,7 +61,7 @@ class StackNMNConfig:
 
 
 # A CPU run on the built-in mini-CLEVR (not from the paper; its accuracy and time are in RESULTS.md,
-# "Stack-NMN"). Keys that are not Config fields set the trainer.
+# "Stack-NMN"). Keys that are not Config fields set the training recipe (train.Recipe) or the trainer.
 PRESETS = {
     # the official training recipe (ronghanghu/snmn, models_clevr_snmn/config.py, exp_clevr_snmn/train_net_vqa.py)
     "paper": dict(lr=1e-4, batch_size=64,  # TRAIN.SOLVER.LR, TRAIN.BATCH_SIZE: Adam
@@ -71,6 +71,7 @@ PRESETS = {
                   schedule="constant"),  # a constant learning rate
     "laptop": dict(dim=128, embed_dim=64, kb_dim=64, pe_dim=16, mem_dim=128, out_dim=128, output_dropout=0.0,
                    lr=1e-3, schedule="cosine", batch_size=128, epochs=14, threads=2,
+                   clip=8.0, ema=0.999,  # not the official recipe's clipping: the values its measured runs used
                    prune_filters=False),  # the unpruned layouts its --layout gt runs were measured with (RESULTS.md)
 }
 

@@ -10,7 +10,8 @@
 
 A model module (mac.py, ...) exposes `Config` (a dataclass with the paper's defaults, one comment per
 field), `Model(cfg, info)` whose `forward(batch)` returns {"log_probs": (B, A)} plus, where the model has
-them, "aux_loss" (a scalar added to the loss) and "steps" (B,), and `PRESETS` {name: {field: value}}.
+them, "aux_loss" (a scalar added to the loss) and "steps" (B,), and `PRESETS` {name: {field: value}}, whose
+"paper" preset is the model's full training recipe (every field of `Recipe` it needs, each with its source).
 Optional too: "loss" (a scalar that replaces the answer NLL, e.g. a program generator's own loss),
 "metrics" ({name: (B,) values in [0, 1]}, averaged like the accuracy and logged beside it), and a
 method `train_subset(n) -> row indices or None`: the training questions to learn from, of the n.
@@ -29,12 +30,17 @@ A wrapper module (act.py, dact.py) exposes `Config` and `Model(inner_model, cfg)
 with the step protocol (STEP_PROTOCOL) and no `arch_optimizer` (`wrappable`). Every Config field
 becomes a flag (`max_steps` -> `--max-steps`, bools as `--x/--no-x`), its comment becomes the help.
 
+The configs of a run: `TrainConfig` (the runtime: data, output, device, logging, AMP, ...), `Recipe` (the
+training recipe: epochs, batch size, lr, clipping, EMA, schedule), the model's Config and the wrapper's.
 Where each setting comes from, lowest priority first:
-    new run:                  Config defaults < preset < flags
-    --init CKPT:              the trainer as a new run; the model (and the wrapper, where CKPT has the same
-                              one): Config defaults < CKPT's config < flags
-    --resume or --eval-only:  the checkpoint's configs < flags
-A preset key that is not a Config field sets the trainer (`lr`, `batch_size`, `epochs`, ...).
+    new run:                  Config defaults < preset < flags; the recipe: the model's `paper` preset < the
+                              wrapper's `paper` preset (DACT's epochs) < the model's and wrapper's preset < flags
+    --init CKPT:              the trainer and the recipe as a new run; the model (and the wrapper, where CKPT has
+                              the same one): Config defaults < CKPT's config < flags
+    --resume or --eval-only:  the checkpoint's configs < flags (a checkpoint written before `Recipe` existed holds
+                              the recipe in its train config)
+A preset key that is not a Config field sets the recipe (`lr`, `batch_size`, `epochs`, ...) or the trainer
+(`threads`).
 On --resume, RUN_FIELDS (e.g. --iters, --device) come from the command line, never the checkpoint.
 Every value, wherever it came from, is checked against RULES. --init refuses a checkpoint whose tensors do
 not all fit the model (other sizes, missing or extra keys; a new wrapper's own parameters, e.g. DACT's
@@ -89,20 +95,11 @@ KINDS = data.QUESTION_KINDS
 
 @dataclasses.dataclass
 class TrainConfig:
+    """The runtime of a run: data, output, seed, device, logging, checkpoints, AMP, compile, resume."""
     data: str = ""  # prepared data directory (default: the built-in mini-CLEVR, made on first use)
     out: str = ""  # run directory (default: runs/MODEL[-WRAPPER]-TIMESTAMP)
     preset: str = "auto"  # auto: laptop on the built-in data, gqa on GQA, paper (Config defaults, the model's training recipe) with other --data
-    # The training recipe: MAC's values here; every model's `paper` preset sets its own paper's / code's
-    epochs: int = 25  # stanfordnlp/mac-network README: --epochs 25
     iters: int = 0  # stop after this many training iterations in all (0: no limit); for smoke runs
-    batch_size: int = 64  # MAC paper
-    lr: float = 1e-4  # MAC paper: Adam
-    clip: float = 8.0  # MAC paper: gradient-norm clipping (0: off)
-    ema: float = 0.999  # MAC paper: decay of the weight average used for evaluation (0: off)
-    schedule: typing.Literal["plateau", "cosine", "constant"] = "plateau"  # plateau: ReduceLROnPlateau on val accuracy (DACT-MAC; MAC's TF code halves on the training loss); cosine: to 0 by the last epoch; constant: no schedule
-    lr_factor: float = 0.5  # plateau: the factor (DACT-MAC)
-    lr_patience: int = 0  # plateau: epochs without a better val accuracy before the lr is cut (0: the first)
-    lr_threshold: float = 1e-3  # plateau: the relative gain that counts as better (DACT-MAC; PyTorch's default 1e-4)
     seed: int = 0  # weights, dropout and shuffling
     device: str = "auto"  # auto: cuda, then mps, then cpu
     threads: int = 0  # CPU threads for torch (0: torch's default; small models run faster on 1)
@@ -116,6 +113,22 @@ class TrainConfig:
     eval_only: bool = False  # evaluate the weights of --init or --resume on val, then exit
 
 
+@dataclasses.dataclass
+class Recipe:
+    """The training recipe. No model's values here: a run's recipe starts as its model's `paper` preset
+    (paper_recipe), which names every field without a default; the plateau fields' defaults serve the
+    recipes without a plateau schedule."""
+    epochs: int  # passes over the training questions
+    batch_size: int  # questions per optimizer step (all processes together)
+    lr: float  # Adam's learning rate
+    clip: float  # gradient-norm clipping (0: off)
+    ema: float  # decay of the weight average used for evaluation (0: off)
+    schedule: typing.Literal["plateau", "cosine", "constant"]  # plateau: ReduceLROnPlateau on the val accuracy (or the model's val_metric); cosine: to 0 by the last epoch; constant: no schedule
+    lr_factor: float = 0.5  # plateau: the factor that cuts the lr
+    lr_patience: int = 0  # plateau: epochs without a better val accuracy before the lr is cut (0: the first)
+    lr_threshold: float = 1e-3  # plateau: the relative gain that counts as better
+
+
 # Settings of this invocation only: on --resume they come from the command line, not the checkpoint.
 RUN_FIELDS = {"out", "iters", "device", "threads", "log_every", "amp", "compile", "resume", "init",
               "init_partial", "eval_only"}
@@ -125,7 +138,7 @@ RUN_FIELDS = {"out", "iters", "device", "threads", "log_every", "amp", "compile"
 RUN_FILES = ("last.pt", "best.pt", "prev.pt", "metrics.jsonl", "run.json", "resumes.jsonl")
 
 
-RECIPE_FIELDS = ("epochs", "batch_size", "lr", "clip", "ema", "schedule", "lr_factor", "lr_patience", "lr_threshold")
+RECIPE_FIELDS = tuple(f.name for f in dataclasses.fields(Recipe))
 
 
 def fail(msg):
@@ -151,7 +164,8 @@ def add_flags(group, cls, part, presets=None, choices=None):
         if typing.get_origin(tp) in (typing.Union, types.UnionType):  # Optional[X] -> X
             tp = next(a for a in typing.get_args(tp) if a is not type(None))
         origin, args = typing.get_origin(tp) or tp, typing.get_args(tp)
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        default = None if default is dataclasses.MISSING else default  # a field without a default (Recipe's)
         if tp is bool:
             kw["action"] = argparse.BooleanOptionalAction
         elif origin in (tuple, list):  # tuple[int, ...], tuple[int, int], or a bare tuple: typed by its default
@@ -217,13 +231,17 @@ def parse_args(argv):
     p.add_argument("model", choices=list(MODELS), help="the model to train")
     if wraps:
         p.add_argument("wrapper", nargs="?", choices=list(WRAPPERS), help="adaptive computation around it")
+    wrapper_presets = getattr(wrapper_mod, "PRESETS", {}) if wrapper_mod else {}
     add_flags(p.add_argument_group("trainer"), TrainConfig, "train", presets,
-              {"preset": ["auto", "paper", *presets], "device": ["auto", "cpu", "cuda", "mps"],
+              {"preset": list(dict.fromkeys(["auto", "paper", *presets])), "device": ["auto", "cpu", "cuda", "mps"],
                "amp": ["off", "bf16", "fp16"]})
+    both = {k: {**presets.get(k, {}), **wrapper_presets.get(k, {})} for k in {**presets, **wrapper_presets}}
+    add_flags(p.add_argument_group("recipe", "the model's paper preset, then the chosen preset, then these flags"),
+              Recipe, "recipe", both)
     add_flags(p.add_argument_group(f"{model_name} ({model_mod.__name__}.Config)"), model_mod.Config, "model", presets)
     if wrapper_mod:
         add_flags(p.add_argument_group(f"{wrapper_name} ({wrapper_mod.__name__}.Config)"), wrapper_mod.Config,
-                  "wrapper", getattr(wrapper_mod, "PRESETS", {}))
+                  "wrapper", wrapper_presets)
     ns, extra = p.parse_known_args(argv)
     if extra:
         p.error(f"put the wrapper right after the model: train.py {model_name} {extra[0]} [flags]"
@@ -231,7 +249,7 @@ def parse_args(argv):
     ns = vars(ns)
     del ns["model"]
     ns.pop("wrapper", None)
-    explicit = {"train": {}, "model": {}, "wrapper": {}}
+    explicit = {"train": {}, "recipe": {}, "model": {}, "wrapper": {}}
     for key, value in ns.items():
         if "." in key:
             part, name = key.split(".", 1)
@@ -250,7 +268,7 @@ def with_values(cfg, values):
 
 
 # What a setting must hold, wherever it comes from (a flag, a preset, a checkpoint's config): a rule applies
-# to every config (trainer, model, wrapper) that has the field. Beyond these, every value must have its
+# to every config (trainer, recipe, model, wrapper) that has the field. Beyond these, every value must have its
 # field's type, a float must be finite and an int >= 0.
 AT_LEAST_1 = (lambda v: v >= 1, ">= 1")
 BELOW_1 = (lambda v: 0 <= v < 1, ">= 0 and < 1")
@@ -312,29 +330,46 @@ def check_configs(cfgs, explicit, saved, path):
             fail(f"{type(cfg).__name__}.{name} = {value!r} (its default or a preset), but {name} must be {need}")
 
 
+def paper_recipe(model_mod, wrapper_mod=None):
+    """A run's base recipe: the recipe fields of the model's `paper` preset, then of the wrapper's (DACT's
+    epochs). The model's names every Recipe field without a default, and the plateau fields too where its
+    schedule is the plateau: a missing one fails here, never falls back on another model's value."""
+    paper = getattr(model_mod, "PRESETS", {}).get("paper", {})
+    need = [f.name for f in dataclasses.fields(Recipe)
+            if f.default is dataclasses.MISSING or paper.get("schedule") == "plateau"]
+    if missing := [name for name in need if name not in paper]:
+        fail(f"{model_mod.__name__}.PRESETS['paper'] does not set {', '.join(missing)}: a model's paper preset "
+             f"states its whole training recipe ({', '.join(need)}), each with its source")
+    wrapper_paper = getattr(wrapper_mod, "PRESETS", {}).get("paper", {}) if wrapper_mod else {}
+    return Recipe(**{k: v for p in (paper, wrapper_paper) for k, v in p.items() if k in RECIPE_FIELDS})
+
+
 def apply_preset(name, cfgs, modules, explicit, log, why=None, keep=()):
     """Apply preset `name` of the model (and wrapper) to cfgs {part: dataclass}, then the explicit flags.
+    cfgs["recipe"] comes in as the paper recipe (paper_recipe): a preset changes the recipe fields it names.
     The parts in `keep` (those --init took from its checkpoint) take no preset values."""
-    changes = []
+    changes, base_recipe = [], cfgs["recipe"]
     for part, mod in modules.items():  # the model's preset, then the wrapper's
         preset = getattr(mod, "PRESETS", {}).get(name, {})  # paper: the training recipe, the sizes are the Config's
         for key, value in preset.items():
-            where = part if hasattr(cfgs[part], key) else "train"
-            if not hasattr(cfgs[where], key):
-                fail(f"preset '{name}' of {mod.__name__} sets '{key}', which is neither a Config nor a trainer field")
+            where = next((p for p in (part, "recipe", "train") if hasattr(cfgs[p], key)), None)
+            if where is None:
+                fail(f"preset '{name}' of {mod.__name__} sets '{key}', which is neither a Config, a recipe nor a "
+                     "trainer field")
             if where in keep:
                 continue
-            paper = getattr(type(cfgs[where])(), key)  # the dataclass default, before any flag
+            paper = getattr(base_recipe if where == "recipe" else type(cfgs[where])(), key)  # before any flag
             cfgs[where] = with_values(cfgs[where], {key: value})
             given = explicit[where].get(key)
-            changes.append(f"{key}={fmt(value)} (paper {fmt(paper)})" if given is None else
-                           f"{key}={fmt(given)} (flag; preset {fmt(value)}, paper {fmt(paper)})")
+            if given is not None or fmt(value) != fmt(paper):  # a value a preset states as the paper's is no change
+                changes.append(f"{key}={fmt(value)} (paper {fmt(paper)})" if given is None else
+                               f"{key}={fmt(given)} (flag; preset {fmt(value)}, paper {fmt(paper)})")
     for part in cfgs:
         if cfgs[part] is not None:
             cfgs[part] = with_values(cfgs[part], explicit[part])
     why = why or ("built-in data" if not cfgs["train"].data else "--data given")
     if name == "paper":
-        recipe = ", ".join(f"{f}={fmt(getattr(cfgs['train'], f))}" for f in RECIPE_FIELDS)
+        recipe = ", ".join(f"{f}={fmt(getattr(cfgs['recipe'], f))}" for f in RECIPE_FIELDS)
         log(f"preset paper ({why}): the Config defaults (the paper's sizes) and the training recipe {recipe}")
     elif changes:
         log(f"preset {name} ({why}): {', '.join(changes)}; pass --preset paper for the paper's sizes")
@@ -590,8 +625,9 @@ def main(argv=None):
 
 
 def resolve_configs(model_name, wrapper_name, model_mod, wrapper_mod, explicit, log):
-    """-> ({"train", "model", "wrapper": config}, checkpoint or None, its path): defaults < preset < flags
-    for a new run or --init; the checkpoint's configs < flags for --resume and --eval-only."""
+    """-> ({"train", "recipe", "model", "wrapper": config}, checkpoint or None, its path): defaults (the recipe:
+    the paper recipe) < preset < flags for a new run or --init; the checkpoint's configs < flags for --resume
+    and --eval-only."""
     if explicit["train"].get("data"):  # stored absolute: checkpoints and run.json work from any folder
         explicit = {**explicit, "train": {**explicit["train"], "data": os.path.abspath(explicit["train"]["data"])}}
     cfg = with_values(TrainConfig(), explicit["train"])
@@ -609,7 +645,8 @@ def resolve_configs(model_name, wrapper_name, model_mod, wrapper_mod, explicit, 
         ckpt = path and data.read_checkpoint(path, (model_name,))
     except data.DataError:  # read again, for the message with what to do
         ckpt = read_checkpoint(path, model_name, resume_hint(path) if cfg.resume else "")
-    cfgs = {"train": cfg, "model": model_mod.Config(), "wrapper": wrapper_mod.Config() if wrapper_mod else None}
+    cfgs = {"train": cfg, "recipe": paper_recipe(model_mod, wrapper_mod), "model": model_mod.Config(),
+            "wrapper": wrapper_mod.Config() if wrapper_mod else None}
     if not (cfg.resume or cfg.eval_only):
         preset, why = cfg.preset if cfg.preset != "auto" else "paper" if cfg.data else "laptop", None
         if cfg.preset == "auto" and cfg.data:  # a dataset with its own preset (GQA: 4 steps, 5 epochs)
@@ -650,9 +687,13 @@ def resume_hint(path):
 
 
 def saved_config(ckpt, part, cfg, path):
-    """The values of config `part` ("train", "model", "wrapper") that the checkpoint holds and `cfg` has: a
-    field the code no longer has is dropped, a field it gained keeps its default."""
-    saved = ckpt["config"].get(part) if isinstance(ckpt["config"], dict) else ckpt["config"]
+    """The values of config `part` ("train", "recipe", "model", "wrapper") that the checkpoint holds and `cfg`
+    has: a field the code no longer has is dropped, a field it gained keeps the value in `cfg`. A checkpoint
+    written before the recipe had a config of its own holds the recipe's fields in its train config."""
+    config = ckpt["config"]
+    if isinstance(config, dict) and part == "recipe" and "recipe" not in config:
+        part = "train"
+    saved = config.get(part) if isinstance(config, dict) else config
     if not isinstance(saved, (dict, type(None))):
         fail(f"checkpoint {path} holds a {part} config that train.py does not write ({type(saved).__name__}): the "
              "file was edited, or written by another program")
@@ -678,7 +719,7 @@ class Run:
         self.ddp, self.rank, self.world, self.log = start_processes()
         self.cfgs, self.ckpt, self.ckpt_path = resolve_configs(model_name, wrapper_name, model_mod, wrapper_mod,
                                                                explicit, self.log)
-        self.cfg, cfg = self.cfgs["train"], self.cfgs["train"]
+        self.cfg, cfg, self.recipe = self.cfgs["train"], self.cfgs["train"], self.cfgs["recipe"]
         self.argv, self.model_name, self.wrapper_name, self.explicit = argv, model_name, wrapper_name, explicit
         self.name = model_name + (f"-{wrapper_name}" if wrapper_name else "")
         self.out = Path(cfg.out or f"runs/{self.name}-{datetime.datetime.now():%Y%m%d-%H%M%S}")
@@ -689,8 +730,8 @@ class Run:
         if cfg.resume and not cfg.eval_only and self.ckpt["wrapper_name"] != wrapper_name:
             fail(f"{self.ckpt_path} is a run of {model_name} with wrapper {self.ckpt['wrapper_name']}, not "
                  f"{wrapper_name}: resume it with the same model and wrapper")
-        if cfg.batch_size % self.world:
-            fail(f"--batch-size {cfg.batch_size} must be a multiple of the {self.world} processes")
+        if self.recipe.batch_size % self.world:
+            fail(f"--batch-size {self.recipe.batch_size} must be a multiple of the {self.world} processes")
         self.open_data()
         self.start_device()
         self.build(model_mod, wrapper_mod)
@@ -714,8 +755,8 @@ class Run:
         if not (val.answers != -100).any():
             fail(f"the val split of {self.data_dir} has no questions with answers ({len(val)} questions): training "
                  "evaluates on it after every epoch and keeps best.pt by its accuracy. Prepare data with val answers")
-        ckpt, bs = self.ckpt, self.cfg.batch_size
-        old = (ckpt["config"].get("train") or {}).get("batch_size", bs) if self.resuming else bs
+        ckpt, bs = self.ckpt, self.recipe.batch_size
+        old = saved_config(ckpt, "recipe", self.recipe, self.ckpt_path).get("batch_size", bs) if self.resuming else bs
         if self.resuming and ckpt["pos"] and old != bs:
             self.train_loader.batch_size = old
             end = ckpt["iter"] + len(self.train_loader) - ckpt["pos"]  # the iteration that ends the epoch
@@ -725,7 +766,7 @@ class Run:
                  f"--resume --batch-size {bs}")
 
     def open_data(self):
-        cfg, ckpt = self.cfg, self.ckpt
+        cfg, ckpt, bs = self.cfg, self.ckpt, self.recipe.batch_size
         if cfg.data and "data" not in self.explicit["train"] and not Path(cfg.data).exists():  # from the checkpoint
             where = "" if Path(cfg.data).is_absolute() else " (a path relative to the folder the run started in)"
             fail(f"{self.ckpt_path} was trained on the data in {cfg.data}{where}, which is not there: pass --data "
@@ -736,9 +777,9 @@ class Run:
             fail(f"checkpoint {self.ckpt_path} was trained on data with vocabulary {ckpt['vocab_hash']} "
                  f"({ckpt.get('data_dir', '?')}), but {self.data_dir} has vocabulary {self.info['vocab_hash']}: "
                  "word and answer indices would not match. Pass the --data it was trained on, or train from scratch")
-        self.train_loader = data.make_loader(self.data_dir, "train", cfg.batch_size, shuffle=True, seed=cfg.seed,
+        self.train_loader = data.make_loader(self.data_dir, "train", bs, shuffle=True, seed=cfg.seed,
                                              drop_last=self.ddp, rank=self.rank, world=self.world)
-        self.val_loader = data.make_loader(self.data_dir, "val", cfg.batch_size, shuffle=False, rank=self.rank,
+        self.val_loader = data.make_loader(self.data_dir, "val", bs, shuffle=False, rank=self.rank,
                                            world=self.world)
 
     def start_device(self):
@@ -756,7 +797,7 @@ class Run:
 
     def build(self, model_mod, wrapper_mod):
         """The model (a wrapper holds the inner model under `prefix`), its optimizers and scheduler."""
-        cfg, cfgs = self.cfg, self.cfgs
+        cfg, cfgs, recipe = self.cfg, self.cfgs, self.recipe
         seed_all(cfg.seed)
         try:  # settings that each pass the RULES but do not fit together (e.g. DACT's N over MAC's steps)
             self.inner = inner = model_mod.Model(cfgs["model"], self.info)
@@ -768,15 +809,16 @@ class Run:
         self.arch_opt = inner.arch_optimizer() if hasattr(inner, "arch_optimizer") else None
         arch_ids = {id(p) for g in self.arch_opt.param_groups for p in g["params"]} if self.arch_opt else set()
         self.optimizer = torch.optim.Adam([p for p in raw.parameters() if p.requires_grad and id(p) not in arch_ids],
-                                          lr=cfg.lr)
+                                          lr=recipe.lr)
         split = self.train_loader.split
         if (rows := getattr(inner, "train_subset", lambda n: None)(len(split))) is not None:
             self.train_loader.rows = rows  # the model learns from these training questions only
             self.log(f"training on {len(rows)} of the {len(split)} training questions")
         self.held_out = np.setdiff1d(np.arange(len(split)), self.train_loader.rows if rows is not None else [])
         self.with_progress = [m for m in raw.modules() if hasattr(m, "progress")]
-        self.scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(self.optimizer, mode="max", factor=cfg.lr_factor,
-                                                                    patience=cfg.lr_patience, threshold=cfg.lr_threshold)
+        self.scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(self.optimizer, mode="max", factor=recipe.lr_factor,
+                                                                    patience=recipe.lr_patience,
+                                                                    threshold=recipe.lr_threshold)
 
     def restore(self):
         """--resume: every state from last.pt; --init: the checkpoint's EMA weights. Then the EMA copy."""
@@ -793,7 +835,7 @@ class Run:
         if self.resuming:
             self.ema.load_state_dict(ckpt["ema"])
         log(f"{self.name}: {sum(p.numel() for p in self.raw.parameters()):,} parameters on {self.device}")
-        log(f"trainer: {self.cfg}\nmodel: {self.cfgs['model']}" +
+        log(f"trainer: {self.cfg}\nrecipe: {self.recipe}\nmodel: {self.cfgs['model']}" +
             (f"\nwrapper: {self.cfgs['wrapper']}" if self.cfgs["wrapper"] else ""))
 
     def resume_from(self, ckpt):
@@ -810,10 +852,10 @@ class Run:
                  "which loads the weights that fit and lists the rest")
         if ckpt.get("scaler"):
             self.scaler.load_state_dict(ckpt["scaler"])
-        if "lr" in self.explicit["train"]:  # the optimizer's state holds the checkpoint's (maybe decayed) rate
-            self.log(f"--lr {self.cfg.lr:g} replaces the checkpoint's {self.optimizer.param_groups[0]['lr']:g}")
+        if "lr" in self.explicit["recipe"]:  # the optimizer's state holds the checkpoint's (maybe decayed) rate
+            self.log(f"--lr {self.recipe.lr:g} replaces the checkpoint's {self.optimizer.param_groups[0]['lr']:g}")
             for g in self.optimizer.param_groups:
-                g["lr"] = self.cfg.lr
+                g["lr"] = self.recipe.lr
         self.epoch, self.it, self.pos, self.best = ckpt["epoch"], ckpt["iter"], ckpt["pos"], ckpt["best_acc"]
         self.val_acc, self.saved_iter = ckpt.get("val_acc"), ckpt["iter"]
         if self.pos and ckpt.get("epoch_tally") and self.rank == 0:  # the epoch's sums so far, over all processes
@@ -961,7 +1003,7 @@ class Run:
 
     def step(self, batch, total_iters):
         """One weight update (and the model's architecture step, if it has one) -> (out, loss, grad norm)."""
-        cfg, optimizer = self.cfg, self.optimizer
+        recipe, optimizer = self.recipe, self.optimizer
         for m in self.with_progress:
             m.progress = self.it / total_iters
         with self.autocast:
@@ -976,19 +1018,19 @@ class Run:
                                "No checkpoint was written yet (the first comes at the end of epoch 1, or after "
                                f"--ckpt-every iterations): start again, in another --out (or after deleting "
                                f"{self.out}), with a lower --lr or another --seed"))
-        if cfg.schedule == "cosine":  # a function of the iteration alone, so --resume needs no state
+        if recipe.schedule == "cosine":  # a function of the iteration alone, so --resume needs no state
             for g in optimizer.param_groups:
-                g["lr"] = cfg.lr * 0.5 * (1 + math.cos(math.pi * min(self.it / total_iters, 1.0)))
+                g["lr"] = recipe.lr * 0.5 * (1 + math.cos(math.pi * min(self.it / total_iters, 1.0)))
         optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()  # DDP averages the gradients over the processes here
         self.scaler.unscale_(optimizer)  # (the scaler is a no-op unless --amp fp16)
         gnorm = torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]],
-                                               cfg.clip if cfg.clip > 0 else math.inf)
+                                               recipe.clip if recipe.clip > 0 else math.inf)
         self.scaler.step(optimizer)
         self.scaler.update()
         self.arch_step()
         with torch.no_grad():  # EMA, with TF's num_updates warm-up so that short runs average trained weights
-            decay = min(cfg.ema, (1 + self.it) / (10 + self.it))
+            decay = min(recipe.ema, (1 + self.it) / (10 + self.it))
             for e, p in zip(self.ema.parameters(), self.raw.parameters()):
                 e.lerp_(p, 1 - decay)
             for e, b in zip(self.ema.buffers(), self.raw.buffers()):
@@ -1004,7 +1046,7 @@ class Run:
         if not any(p.requires_grad for g in self.arch_opt.param_groups for p in g["params"]):
             return
         rng = np.random.default_rng([self.cfg.seed, self.it])
-        idx = rng.choice(self.held_out, min(self.cfg.batch_size, len(self.held_out)), False)
+        idx = rng.choice(self.held_out, min(self.recipe.batch_size, len(self.held_out)), False)
         batch = self.train_loader.split.batch(np.sort(idx)[self.rank::self.world])
         batch = {k: v.to(self.device) for k, v in batch.items()}
         self.inner.arch_step(self.model, batch, self.arch_opt, self.autocast)
@@ -1012,7 +1054,7 @@ class Run:
     def train_epoch(self):
         """The rest of the current epoch (all of it, unless resumed mid-epoch); False when --iters stops the run."""
         cfg, log, loader = self.cfg, self.log, self.train_loader
-        n_batches, total_iters = len(loader), max(cfg.epochs * len(loader), 1)  # cosine: over --epochs
+        n_batches, total_iters = len(loader), max(self.recipe.epochs * len(loader), 1)  # cosine: over --epochs
         loader.set_epoch(self.epoch, start=self.pos)
         batches = iter(loader)  # (making it may draw from the global RNG, so seed after it)
         if self.rng is not None and self.pos > 0:
@@ -1051,7 +1093,7 @@ class Run:
         lr = self.optimizer.param_groups[0]["lr"]  # the rate this epoch trained at (its last iteration's)
         val = evaluate(self.ema, self.val_loader, self.device, self.autocast)
         if self.pos >= n_batches:
-            if self.cfg.schedule == "plateau":  # on the model's own val metric where it names one (val_metric)
+            if self.recipe.schedule == "plateau":  # on the model's own val metric where it names one (val_metric)
                 metric = getattr(self.inner, "val_metric", None)
                 self.scheduler.step(val["metrics"][metric] if metric else val["acc"])
             self.epoch, self.pos = self.epoch + 1, 0
@@ -1069,15 +1111,15 @@ class Run:
 
     def train(self):
         """Epochs until --epochs (or --iters); -> the run's summary."""
-        cfg = self.cfg
+        cfg, epochs = self.cfg, self.recipe.epochs
         self.train_time, self.train_questions, self.last_val = 0.0, 0, None
         stop = bool(cfg.iters and self.it >= cfg.iters)
-        while self.epoch < cfg.epochs and not stop:
+        while self.epoch < epochs and not stop:
             stop = not self.train_epoch()
             self.end_epoch()
         speed = self.train_questions / max(self.train_time, 1e-9)
         if self.last_val is None:
-            self.log(f"nothing to train: {self.out} is at epoch {self.epoch} of {cfg.epochs}, iteration {self.it}")
+            self.log(f"nothing to train: {self.out} is at epoch {self.epoch} of {epochs}, iteration {self.it}")
         else:
             self.log(f"done: final val acc {100 * self.last_val:.2f}%, best {100 * self.best:.2f}%; average "
                      f"training throughput {speed:.0f} questions/s ({self.train_questions} questions)")

@@ -272,7 +272,7 @@ def test_wrapper_flags_do_not_clash_with_the_models_or_trainer():
     """train.py makes one flag namespace of the trainer's, the model's and the wrapper's fields."""
     models = [importlib.import_module(m).Config for m in train.MODELS.values() if importlib.util.find_spec(m)]
     for model_cfg in models:
-        taken = {f.name for cls in (model_cfg, train.TrainConfig) for f in dataclasses.fields(cls)}
+        taken = {f.name for cls in (model_cfg, train.TrainConfig, train.Recipe) for f in dataclasses.fields(cls)}
         for cls in (dact.Config, act.Config):
             assert not taken & {f.name for f in dataclasses.fields(cls)}, (model_cfg, cls)
 

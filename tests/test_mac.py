@@ -55,9 +55,9 @@ def run_protocol(model, batch):
 def test_registry_names_and_presets():
     assert mac.Config is MACConfig and mac.Model is MAC
     fields = {f.name for f in dataclasses.fields(MACConfig)}
-    trainer = {f.name for f in dataclasses.fields(train.TrainConfig)}
+    trainer = {f.name for cls in (train.TrainConfig, train.Recipe) for f in dataclasses.fields(cls)}
     for name, preset in mac.PRESETS.items():
-        assert set(preset) <= fields | trainer, name  # the rest of a preset sets the trainer
+        assert set(preset) <= fields | trainer, name  # the rest of a preset sets the recipe or the trainer
         MACConfig(**{k: v for k, v in preset.items() if k in fields})
 
 

@@ -382,7 +382,7 @@ def test_train_mac_dact_on_gqa_dir_picks_the_gqa_preset(gqa, tmp_path, capsys):
     root = gqa[0]
     res = train.main(["mac", "dact", "--data", str(root), "--out", str(tmp_path / "run"), *TINY])
     printed = capsys.readouterr().out
-    assert "preset gqa (--data is GQA): max_steps=4 (paper 12), epochs=5 (paper 25)" in printed
+    assert "preset gqa (--data is GQA): max_steps=4 (paper 12), epochs=5 (paper 30)" in printed  # DACT's 30
     assert res["final_acc"] is not None and "avg steps" in printed
     rec = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])
     assert rec["epoch"] == 5 and all(v is None for v in rec["acc_by_kind"].values())

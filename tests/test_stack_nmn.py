@@ -44,7 +44,7 @@ def model(**kw):
 def test_config_defaults_and_presets():
     d = sn.StackNMNConfig()
     assert (d.max_steps, d.stack_len, d.sharpen, d.sharpen_temp) == (9, 8, "hard", 0.2)
-    fields = {f.name for f in dataclasses.fields(sn.StackNMNConfig)} | {f.name for f in dataclasses.fields(train.TrainConfig)}
+    fields = {f.name for cls in (sn.StackNMNConfig, train.TrainConfig, train.Recipe) for f in dataclasses.fields(cls)}
     assert set(sn.PRESETS["laptop"]) <= fields
     assert len(sn.MODULES) == 9
 

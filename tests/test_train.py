@@ -6,16 +6,21 @@ takes milliseconds: the trainer is what is under test here, not the model.
 """
 import argparse
 import dataclasses
+import importlib
+import inspect
 import json
 import math
+import re
 import subprocess
 import sys
+import types
 import typing
 from pathlib import Path
 
 import pytest
 import torch
 
+import dact
 import data
 import mac
 import train
@@ -74,6 +79,17 @@ def test_model_help_lists_common_and_model_flags_with_defaults(capsys):
     for flag in COMMON + ["--dim", "--max-steps", "--self-attention", "--no-self-attention"]:
         assert flag in text, flag
     assert f"(default: {mac.Config().dim};" in text or f"(default: {mac.Config().dim})" in text
+
+
+def test_help_shows_the_recipe_group_with_each_presets_values(capsys):
+    with pytest.raises(SystemExit):
+        train.main(["mac", "dact", "-h"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "--preset {auto,paper,laptop,gqa}" in text  # paper once
+    recipe = text[text.index(" recipe: "):text.index(" mac (mac.Config):")]
+    for name in train.RECIPE_FIELDS:
+        assert "--" + name.replace("_", "-") in recipe, name
+    assert "(paper: 30; laptop: 9; gqa: 5)" in recipe  # DACT's paper epochs over MAC's, then MAC's presets
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -220,7 +236,7 @@ def test_init_takes_the_model_config_from_the_checkpoint(run_dir, tiny_data, tmp
         assert f"loaded {len(load(run_dir / 'best.pt')['ema'])} of" in text and "shape mismatches (keep their fresh init): none" in text
         cfg = load(out / "last.pt")["config"]
         assert cfg["model"] == load(run_dir / "best.pt")["config"]["model"]  # defaults < checkpoint's config
-        assert cfg["train"]["lr"] == (2e-3 if argv[0] == "--preset" else 1e-4)  # the trainer: defaults < preset
+        assert cfg["recipe"]["lr"] == (2e-3 if argv[0] == "--preset" else 1e-4)  # the recipe: paper < preset
     train_mac(tiny_data, tmp_path / "flags", "--init", str(run_dir / "best.pt"), "--iters", "1", "--memory-dropout", "0.5")
     assert load(tmp_path / "flags" / "last.pt")["config"]["model"]["memory_dropout"] == 0.5  # < flags
     train_mac(tiny_data, tmp_path / "unwrapped", "--init", str(tmp_path / "data" / "last.pt"), "--iters", "1")
@@ -263,7 +279,7 @@ def test_preset_auto_is_laptop_on_the_built_in_data_and_flags_win(tiny_data, tmp
     assert cfg["model"]["dim"] == 16 and cfg["train"]["preset"] == "laptop"  # the flag beats the preset
     for key, value in mac.PRESETS["laptop"].items():
         if "--" + key.replace("_", "-") not in TINY:
-            where = "model" if hasattr(mac.Config, key) else "train"
+            where = "model" if hasattr(mac.Config, key) else "recipe" if key in train.RECIPE_FIELDS else "train"
             assert cfg[where][key] == json.loads(json.dumps(value)), key
 
 
@@ -326,7 +342,7 @@ RECIPES = {  # (model, wrapper): what --preset paper must give the trainer (the 
     ("mac", None): dict(lr=1e-4, batch_size=64, epochs=25, clip=8.0, ema=0.999, schedule="plateau", lr_threshold=1e-3),
     ("mac", "dact"): dict(lr=1e-4, batch_size=64, epochs=30, clip=8.0, ema=0.999, schedule="plateau"),
     ("stack_nmn", None): dict(lr=1e-4, batch_size=64, epochs=18, clip=0.0, ema=0.999, schedule="constant"),
-    ("lnmn", None): dict(lr=1e-4, batch_size=64, epochs=30, clip=0.0, schedule="constant"),
+    ("lnmn", None): dict(lr=1e-4, batch_size=64, epochs=30, clip=0.0, ema=0.999, schedule="constant"),
     ("pg_ee", None): dict(lr=5e-4, batch_size=64, epochs=9, clip=0.0, ema=0.0, schedule="constant"),
 }
 
@@ -340,9 +356,66 @@ def test_preset_paper_gives_each_models_own_training_recipe(model, wrapper, tiny
     r = train.Run(argv, *train.parse_args(argv))
     want = RECIPES[model, wrapper]
     assert r.optimizer.param_groups[0]["lr"] == want["lr"]
-    assert r.train_loader.batch_size == want["batch_size"] and r.cfg.epochs == want["epochs"]
-    assert r.cfg.clip == want["clip"] and r.cfg.schedule == want["schedule"]
-    assert r.cfg.ema == want.get("ema", train.TrainConfig().ema)
-    if "lr_threshold" in want:
-        assert r.scheduler.threshold == want["lr_threshold"]
+    assert r.train_loader.batch_size == want["batch_size"] and r.recipe.epochs == want["epochs"]
+    assert r.recipe.clip == want["clip"] and r.recipe.schedule == want["schedule"] and r.recipe.ema == want["ema"]
+    for key, attr in (("lr_factor", "factor"), ("lr_patience", "patience"), ("lr_threshold", "threshold")):
+        if key in want:
+            assert getattr(r.scheduler, attr) == want[key], key
     assert "preset paper (--data given)" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("name", train.MODELS)
+def test_each_models_paper_preset_states_its_whole_recipe_each_with_a_source(name):
+    mod = importlib.import_module(train.MODELS[name])
+    paper = mod.PRESETS["paper"]
+    need = {f.name for f in dataclasses.fields(train.Recipe)
+            if f.default is dataclasses.MISSING or paper.get("schedule") == "plateau"}
+    assert need <= set(paper), f"{name}: {sorted(need - set(paper))}"
+    assert all(getattr(train.paper_recipe(mod), k) == paper[k] for k in need)
+    lines = inspect.getsource(mod).splitlines()  # the source of each field: a comment on its line
+    i, depth = next(i for i, line in enumerate(lines) if '"paper": dict(' in line), 0
+    while True:
+        code, _, comment = lines[i].partition("#")
+        depth += code.count("(") - code.count(")")
+        named = set(re.findall(r"(\w+)=", code)) & set(train.RECIPE_FIELDS)
+        assert not named or comment.strip(), f"{name}: {sorted(named)} without a source on its line"
+        if depth <= 0:
+            break
+        i += 1
+
+
+def test_a_paper_preset_without_a_recipe_field_is_refused_naming_the_module_and_the_field():
+    mod = types.SimpleNamespace(__name__="mymodel", PRESETS={"paper": dict(lr=1e-3, batch_size=8, epochs=1, clip=0.0,
+                                                                            schedule="plateau", lr_factor=0.5)})
+    with pytest.raises(SystemExit, match=r"mymodel.PRESETS\['paper'\] does not set ema, lr_patience, lr_threshold"):
+        train.paper_recipe(mod)
+
+
+def test_a_recipe_flag_beats_the_preset_which_beats_the_paper_recipe(monkeypatch):
+    monkeypatch.setitem(mac.PRESETS, "short", dict(epochs=3, clip=1.0))  # a preset that names part of a recipe
+
+    def recipe(*argv):
+        return train.resolve_configs(*train.parse_args(argv), lambda *a: None)[0]["recipe"]
+
+    paper = mac.PRESETS["paper"]
+    assert recipe("mac", "--preset", "paper").epochs == paper["epochs"]
+    assert recipe("mac", "dact", "--preset", "paper").epochs == dact.PRESETS["paper"]["epochs"]  # the wrapper's paper
+    r = recipe("mac", "dact", "--preset", "short")
+    assert (r.epochs, r.clip, r.lr, r.ema) == (3, 1.0, paper["lr"], paper["ema"])  # the preset, then the paper's
+    r = recipe("mac", "dact", "--preset", "short", "--epochs", "2", "--lr", "5e-3")
+    assert (r.epochs, r.clip, r.lr, r.ema) == (2, 1.0, 5e-3, paper["ema"])  # then the flags
+
+
+def test_a_checkpoint_from_before_the_recipe_config_resumes_with_its_own_recipe(tiny_data, tmp_path, capsys):
+    own = dict(epochs=2, lr=3e-3, clip=2.0, ema=0.99, schedule="cosine", lr_patience=5)  # neither paper nor laptop
+    train_mac(tiny_data, tmp_path, *[f for k, v in own.items() for f in (f"--{k.replace('_', '-')}", str(v))],
+              "--iters", "2")
+    ckpt = load(tmp_path / "last.pt")
+    ckpt["config"]["train"].update(ckpt["config"].pop("recipe"))  # the layout of a checkpoint written before Recipe
+    train.save_checkpoint(tmp_path / "last.pt", {k: v for k, v in ckpt.items() if k != "digest"})
+    train.main(["mac", "--out", str(tmp_path), "--resume", "--iters", "3"])
+    recipe = load(tmp_path / "last.pt")["config"]["recipe"]
+    assert {k: recipe[k] for k in own} == own and recipe["batch_size"] == 16
+    capsys.readouterr()
+    train.main(["mac", "--init", str(tmp_path / "prev.pt"), "--eval-only"])  # the old checkpoint, kept as prev.pt
+    assert f"recipe: {train.Recipe(**recipe)}" in capsys.readouterr().out.splitlines()

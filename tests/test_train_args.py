@@ -83,8 +83,8 @@ def test_the_rules_apply_to_every_config_with_the_field(tiny_data, tmp_path, arg
 
 def test_every_rule_names_a_field_of_some_config():
     import act, dact, lnmn, mac, pg_ee, stack_nmn
-    fields = {f for cls in (train.TrainConfig, mac.Config, stack_nmn.Config, lnmn.Config, pg_ee.Config, act.Config,
-                            dact.Config) for f in cls.__dataclass_fields__}
+    fields = {f for cls in (train.TrainConfig, train.Recipe, mac.Config, stack_nmn.Config, lnmn.Config, pg_ee.Config,
+                            act.Config, dact.Config) for f in cls.__dataclass_fields__}
     assert set(train.RULES) <= fields, set(train.RULES) - fields  # a misspelt rule would check nothing
 
 
@@ -110,9 +110,10 @@ def test_out_naming_a_file_is_refused(tiny_data, tmp_path):
 # Configs read from checkpoints: the same rules, and the message names the checkpoint and the flag to pass
 
 @pytest.mark.parametrize("part, field, value, need", [
-    ("train", "lr", math.nan, "lr must be a finite number > 0"),
-    ("train", "batch_size", 0, "batch_size must be an integer >= 1"),
-    ("train", "schedule", "weekly", "schedule must be one of plateau, cosine"),
+    ("recipe", "lr", math.nan, "lr must be a finite number > 0"),
+    ("recipe", "batch_size", 0, "batch_size must be an integer >= 1"),
+    ("recipe", "schedule", "weekly", "schedule must be one of plateau, cosine"),
+    ("train", "seed", -1, "seed must be an integer >= 0"),
     ("model", "dim", 7, "dim must be an integer >= 2 and even"),
     ("model", "dim", "16", "dim must be an integer"),
     ("model", "pixel_channels", 8, "pixel_channels must be a list of ints"),
