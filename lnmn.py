@@ -15,8 +15,8 @@ is a tool outside this file (`python analyze.py lnmn`):
     python train.py lnmn [--modules 9|11|14]     # weights on training batches, alphas on a held-out slice
     python train.py lnmn --cells stack           # not in the paper: Stack-NMN's modules as fixed cells
     python train.py lnmn --compare pooled        # not in the paper: 4-input answer cells = Stack-NMN's Compare
-    python train.py lnmn --no-push-fix --entropy-scale paper --alpha-init-std 1 --weight-init lnmn_code \
-        --lambda-w-curve code                    # the paper's stack rule and entropy term, the official inits and curve
+    python train.py lnmn --entropy-scale paper --alpha-init-std 1 --weight-init lnmn_code \
+        --lambda-w-curve code                    # the paper's entropy term, the official inits and curve
     python analyze.py lnmn RUN [--max-batches N] [--out DIR]
         # Fig. 3 (alpha heat map), Table 6 (expressions), Table 7 (operator ablation), Table 2 (hard-max)
     python lnmn.py                               # smoke run
@@ -73,10 +73,10 @@ class LNMNConfig:
     arch_wd: float = 1e-3  # Sec. 4: weight decay for alpha, betas (0.5, 0.999)
     held_out: float = 0.1  # NOTE (deviation): share of the TRAINING questions for the alpha steps (official: val)
     held_out_seed: int = 0  # which training questions are held out
-    # NOTE (deviation: this code's change of the paper's stack rule): a 3-input attention cell reads the top map
-    # without popping it and pushes its output. --no-push-fix: the paper's rule (Sec. 2.2, 3.1; official code),
-    # pop then push, so the pointer stays and the output replaces the map it read (a single-register stack)
-    push_fix: bool = True  # this code's rule, 3-input attention cells push; --no-push-fix: the paper's pop-then-push
+    # Sec. 2.2, 3.1 and official code: a 3-input attention cell pops the map it reads and pushes its output, so
+    # the pointer stays and the output replaces that map. NOTE (deviation, --push-fix): read without popping,
+    # then push, so a second Find leaves the first object's map under it (RESULTS.md, "LNMN": not better)
+    push_fix: bool = False  # Sec. 2.2: pop then push; --push-fix: this code's read-then-push (not in the paper)
     norm_fix: bool = True  # NOTE (deviation): 4-input cells merge their maps without the L2 norm (official: sign)
     node_norm: bool = True  # NOTE (deviation from Sec. 3.1's O, which has no norm): official code, L2 over channels
     alpha_init_std: float = 1e-3  # NOTE (deviation): alpha ~ N(0, std^2), 1e-3 as DARTS; official cell.py: N(0, 1)
@@ -103,7 +103,8 @@ PRESETS = {
     "laptop": dict(map_dim=64, dim=128, embed_dim=64, kb_dim=64, pe_dim=16, mem_dim=128, out_dim=128,
                    output_dropout=0.0, node_norm=False, lr=1e-3, schedule="cosine", batch_size=128, epochs=10,
                    threads=2,
-                   clip=8.0, ema=0.999),  # not the paper's clipping: the values its measured runs used
+                   clip=8.0, ema=0.999,  # not the paper's clipping: the values its measured runs used
+                   push_fix=True),  # the stack rule its 10-epoch runs were measured with (RESULTS.md, "LNMN")
 }
 
 
@@ -250,8 +251,8 @@ def par(s):
 
 class CellModules(nn.Module):
     """NoOp + the cells of Table 3. Stack use (Sec. 2.2), in `forward`: attention 3-input reads the top map
-    and, by the rule of `push_fix`, either pushes its output (this code's default) or replaces the map it
-    read (the paper's pop-then-push: the pointer stays), attention 4-input pops two and pushes one, answer
+    and, by the rule of `push_fix`, either replaces the map it read (the paper's pop-then-push: the pointer
+    stays) or pushes its output on top of it (--push-fix), attention 4-input pops two and pushes one, answer
     cells pop the one or two maps they read (official code; Stack-NMN's describe modules keep the stack).
     Only answer cells output memory: f_mem = sum_{m in ans} w_m o_m (Sec. 2.3), so NoOp, unlike
     Stack-NMN's, does not carry it over."""
@@ -290,7 +291,7 @@ class CellModules(nn.Module):
         for cell, y in zip(self.cells, ys):
             if cell.kind == "ans":                                       # Sec. 2.2: pops what it read
                 out.append((A, p_pop if cell.inputs == 3 else pop(p_pop), y))
-            elif cell.inputs == 3:  # push_fix: read, push (this code); else pop, push (paper): written where it read
+            elif cell.inputs == 3:  # Sec. 2.2: pop, push (written where it read); push_fix: read, push
                 q = push(p) if self.cfg.push_fix else p
                 out.append((write(A, q, y), q, zero))
             else:                                                        # Sec. 2.2: pops 2, pushes 1

@@ -103,7 +103,7 @@ def loss_and_grads(m, reference, batch):
     (dict(), {}),                                              # the official node: L2 norm after every node
     (dict(node_norm=False), {}),                               # the laptop preset's node: last node folded
     (dict(node_norm=True, norm_fix=False), {}),                # the official merge norm (sign)
-    (dict(node_norm=False, modules=14, push_fix=False), {}),
+    (dict(node_norm=False, modules=14, push_fix=True), {}),
     (dict(node_norm=False, compare="pooled"), {}),
     (dict(node_norm=False, cells="stack"), {}),
     (dict(node_norm=False), dict(hard=True)),                  # hard-max alphas (Table 2)
@@ -370,9 +370,9 @@ def test_init_flags_draw_the_official_distributions():
 
 
 def test_the_flags_reach_the_command_line():
-    argv = ["lnmn", "--entropy-scale", "paper", "--lambda-w-curve", "code", "--no-push-fix", "--alpha-init-std",
+    argv = ["lnmn", "--entropy-scale", "paper", "--lambda-w-curve", "code", "--push-fix", "--alpha-init-std",
             "1", "--weight-init", "lnmn_code"]
-    assert train.parse_args(argv)[4]["model"] == dict(entropy_scale="paper", lambda_w_curve="code", push_fix=False,
+    assert train.parse_args(argv)[4]["model"] == dict(entropy_scale="paper", lambda_w_curve="code", push_fix=True,
                                                       alpha_init_std=1.0, weight_init="lnmn_code")
 
 
