@@ -391,6 +391,15 @@ def pick_device(name, local_rank):
     return torch.device("cuda", local_rank) if name == "cuda" else torch.device(name)
 
 
+def can_compile(device, log):
+    """Whether torch.compile can build this device's kernels: on the CPU, Inductor compiles C++, so without a
+    C++ compiler on the PATH the run goes on uncompiled (same results, slower) instead of failing at its first step."""
+    if device.type != "cpu" or any(shutil.which(c) for c in ("g++", "c++", "clang++", "cl")):
+        return True
+    log("--compile: no C++ compiler (g++, clang++ or cl) on the PATH for torch.compile on the CPU; running uncompiled")
+    return False
+
+
 def seed_all(*keys):
     """Seed torch, numpy and random from a tuple of ints (e.g. (seed, epoch, rank))."""
     seed = int(np.random.SeedSequence(list(keys)).generate_state(1)[0])
@@ -903,7 +912,7 @@ class Run:
                     fail(f"could not write {out / 'run.json'} ({data.first_line(e)}): free disk space (or choose another "
                          "--out), then run the same command again")
             self.log(f"run directory {out}")
-        self.model = torch.compile(self.raw) if self.cfg.compile else self.raw
+        self.model = torch.compile(self.raw) if self.cfg.compile and can_compile(self.device, self.log) else self.raw
         if self.ddp:  # find_unused_parameters: PG+EE, DACT and others leave some parameters out of some batches
             self.model = torch.nn.parallel.DistributedDataParallel(
                 self.model, [self.device.index] if self.device.type == "cuda" else None, find_unused_parameters=True)
