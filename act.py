@@ -108,8 +108,6 @@ class ACT(nn.Module):
                 "steps": steps, "ponder": ponder}
 
 
-PRESETS = {"laptop": dict(compile=False)}  # uncompiled: the rows still running change shape at every step
-
 Config, Model = ACTConfig, ACT  # names the trainer's registry looks for
 
 

@@ -185,8 +185,7 @@ class DACT(nn.Module):
 
 # the authors' recipe (ceyzaguirre4/DACT-MAC README): a 12-step MAC trained 10 epochs, then everything
 # fine-tuned 30 epochs with the halting unit (`--init` the MAC); the rest of the recipe is MAC's
-PRESETS = {"paper": dict(epochs=30),  # DACT paper (CLEVR experiments): "trained for another additional 30 epochs"
-           "laptop": dict(compile=False)}  # uncompiled: the rows still running change shape at every step
+PRESETS = {"paper": dict(epochs=30)}  # DACT paper (CLEVR experiments): "trained for another additional 30 epochs"
 
 Config, Model = DACTConfig, DACT  # names the trainer's registry looks for
 
