@@ -419,3 +419,27 @@ def test_a_checkpoint_from_before_the_recipe_config_resumes_with_its_own_recipe(
     capsys.readouterr()
     train.main(["mac", "--init", str(tmp_path / "prev.pt"), "--eval-only"])  # the old checkpoint, kept as prev.pt
     assert f"recipe: {train.Recipe(**recipe)}" in capsys.readouterr().out.splitlines()
+
+
+def test_compile_without_a_cpp_compiler_runs_uncompiled_with_a_message(monkeypatch):
+    said = []
+    monkeypatch.setattr(train.shutil, "which", lambda name: None)
+    assert not train.can_compile(torch.device("cpu"), said.append)
+    assert "no C++ compiler" in said[0] and "running uncompiled" in said[0]
+    assert train.can_compile(torch.device("cuda", 0), said.append) and len(said) == 1  # CUDA: Triton, not a C++ compiler
+    monkeypatch.setattr(train.shutil, "which", lambda name: "/usr/bin/g++" if name == "g++" else None)
+    assert train.can_compile(torch.device("cpu"), said.append)
+
+
+def test_a_compiled_run_trains_as_the_eager_one(tiny_data, tmp_path):
+    """--compile changes the speed, not the model: the same loss at every logged iteration up to float
+    rounding (without dropout, whose compiled random stream is another)."""
+    flags = ["--iters", "5", "--max-steps", "1", "--threads", "1", *[f"--{part}-dropout" for part in (
+        "stem", "question", "memory", "output", "read")]]
+    flags = [f for flag in flags for f in ((flag, "0") if flag.endswith("dropout") else (flag,))]
+    eager = train_mac(tiny_data, tmp_path / "eager", *flags)
+    compiled = train_mac(tiny_data, tmp_path / "compiled", *flags, "--compile")
+    losses = [[r["loss"] for r in records(run) if r["split"] == "train"] for run in (tmp_path / "eager",
+                                                                                  tmp_path / "compiled")]
+    assert len(losses[0]) >= 1 and losses[0] == pytest.approx(losses[1], rel=1e-4)
+    assert compiled["final_acc"] == pytest.approx(eager["final_acc"], abs=0.02)
