@@ -434,9 +434,8 @@ def test_compile_without_a_cpp_compiler_runs_uncompiled_with_a_message(monkeypat
 def test_a_compiled_run_trains_as_the_eager_one(tiny_data, tmp_path):
     """--compile changes the speed, not the model: the same loss at every logged iteration up to float
     rounding (without dropout, whose compiled random stream is another)."""
-    flags = ["--iters", "5", "--max-steps", "1", "--threads", "1", *[f"--{part}-dropout" for part in (
-        "stem", "question", "memory", "output", "read")]]
-    flags = [f for flag in flags for f in ((flag, "0") if flag.endswith("dropout") else (flag,))]
+    no_dropout = [f for part in ("stem", "question", "memory", "output", "read") for f in (f"--{part}-dropout", "0")]
+    flags = ["--iters", "5", "--max-steps", "1", "--threads", "1", *no_dropout]
     eager = train_mac(tiny_data, tmp_path / "eager", *flags)
     compiled = train_mac(tiny_data, tmp_path / "compiled", *flags, "--compile")
     losses = [[r["loss"] for r in records(run) if r["split"] == "train"] for run in (tmp_path / "eager",
