@@ -42,6 +42,7 @@ class MACConfig:
     pixel_channels: tuple = (32, 64, 128)  # NOTE (deviation): pixel stem, see PixelStem
     coord_conv: bool = True                # NOTE (deviation): CoordConv, see PixelStem
     object_boxes: bool = False             # NOTE (deviation): GQA: append each object's box to its features
+    output_dim: int = 0                    # official code: the classifier's hidden layer, 512 (= d); 0: d
 
 
 # Smaller sizes for a CPU run on the built-in mini-CLEVR (not from the paper; its time and accuracy are
@@ -57,6 +58,7 @@ PRESETS = {
     "laptop": dict(dim=64, embed_dim=64, pixel_channels=(32, 64, 64),
                    stem_dropout=0.0, question_dropout=0.0, memory_dropout=0.0, output_dropout=0.0, read_dropout=0.0,
                    official_init=False,  # the preset's measured runs used PyTorch's init for the stem and embeddings
+                   output_dim=512,  # the official classifier's width, kept where d shrinks: Compare Attribute learns sooner
                    lr=2e-3, batch_size=128, epochs=9, lr_patience=2, lr_threshold=1e-4, threads=2,
                    clip=8.0, ema=0.999, schedule="plateau", lr_factor=0.5),  # what its measured runs used
     # GQA, as the DACT code trains MAC on it (config/gqa_defaults.py; DACT paper Sec. 5): 4 steps,
@@ -273,11 +275,12 @@ class WriteUnit(nn.Module):
 class OutputUnit(nn.Module):
     """[m_T; W q] -> 2-layer classifier -> answer logits."""
 
-    def __init__(self, dim, num_answers, dropout):
+    def __init__(self, dim, num_answers, dropout, hidden=0):
         super().__init__()
+        hidden = hidden or dim
         self.q_proj = nn.Linear(dim, dim)
-        self.mlp = nn.Sequential(nn.Dropout(dropout), nn.Linear(2 * dim, dim), nn.ELU(),
-                                 nn.Dropout(dropout), nn.Linear(dim, num_answers))
+        self.mlp = nn.Sequential(nn.Dropout(dropout), nn.Linear(2 * dim, hidden), nn.ELU(),
+                                 nn.Dropout(dropout), nn.Linear(hidden, num_answers))
 
     def forward(self, m, q):
         return self.mlp(torch.cat([m, self.q_proj(q)], dim=-1))          # (B, A)
@@ -304,7 +307,7 @@ class MAC(nn.Module):
         self.control = ControlUnit(D, cfg.max_steps)
         self.read = ReadUnit(D, cfg.read_dropout)
         self.write = WriteUnit(D, cfg.self_attention, cfg.memory_gate, cfg.gate)
-        self.output = OutputUnit(D, info["num_answers"], cfg.output_dropout)
+        self.output = OutputUnit(D, info["num_answers"], cfg.output_dropout, cfg.output_dim)
         self.m_0 = nn.Parameter(torch.zeros(D))                         # learned initial memory
         for mod in self.modules():                                       # official code: Xavier, zero bias
             if isinstance(mod, nn.Linear):
