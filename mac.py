@@ -58,7 +58,6 @@ PRESETS = {
     "laptop": dict(dim=64, embed_dim=64, pixel_channels=(32, 64, 64),
                    stem_dropout=0.0, question_dropout=0.0, memory_dropout=0.0, output_dropout=0.0, read_dropout=0.0,
                    official_init=False,  # the preset's measured runs used PyTorch's init for the stem and embeddings
-                   output_dim=512,  # the official classifier's width, kept where d shrinks: Compare Attribute learns sooner
                    lr=2e-3, batch_size=128, epochs=9, lr_patience=2, lr_threshold=1e-4, threads=2,
                    clip=8.0, ema=0.999, schedule="plateau", lr_factor=0.5),  # what its measured runs used
     # GQA, as the DACT code trains MAC on it (config/gqa_defaults.py; DACT paper Sec. 5): 4 steps,
