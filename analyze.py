@@ -123,9 +123,9 @@ def family_names(data_dir):
 
 
 def evaluate(model, loader, device):
-    """train.evaluate (accuracy overall and per kind, loss, average steps), and the steps histogram
-    (1..max_steps) and average steps per question kind and family. A model without a step count
-    counts all its max_steps."""
+    """train.evaluate (accuracy overall and per kind, loss, average steps), the steps histogram
+    (1..max_steps), average steps per question kind and family, and accuracy and questions (with a
+    known answer) per family. A model without a step count counts all its max_steps."""
     rec = train.evaluate(model, loader, device, contextlib.nullcontext(), per_question=True)
     q = rec.pop("questions")
     steps = q["steps"] if "steps" in q else torch.full(q["kind"].shape, float(model.max_steps))
@@ -135,6 +135,9 @@ def evaluate(model, loader, device):
     rec["steps_hist"] = torch.bincount(steps.long(), minlength=model.max_steps + 1)[1:].tolist()  # steps 1..N
     rec["steps_by_kind"] = {k: mean(steps[kind == i]) for i, k in enumerate(data.QUESTION_KINDS)}
     rec["steps_by_family"] = {int(f): mean(steps[family == f]) for f in family.unique().tolist()}
+    hit, known = q["hit"], q["known"]
+    rec["acc_by_family"] = {int(f): mean(hit[(family == f) & known]) for f in family.unique().tolist()}
+    rec["n_by_family"] = {int(f): int(((family == f) & known).sum()) for f in family.unique().tolist()}
     return rec
 
 
@@ -145,9 +148,10 @@ def show_eval(rec, names=None):
     lines += [f"  {n:3d} {c:7d} {'#' * round(40 * c / top)}" for n, c in enumerate(rec["steps_hist"], 1)]
     lines += ["per kind: accuracy, average steps"]
     lines += [f"  {k:18s} {pct(rec['acc_by_kind'][k]):>6s} {s or 0:6.2f}" for k, s in rec["steps_by_kind"].items()]
-    lines += ["per family (by average steps):"]
+    lines += ["per family (by average steps): accuracy, average steps"]
     for f, s in sorted(rec["steps_by_family"].items(), key=lambda kv: kv[1]):
-        lines.append(f"  {f:3d} {names[f] if names and f < len(names) else '':22s} {s:6.2f}")
+        name = names[f] if names and f < len(names) else ""
+        lines.append(f"  {f:3d} {name:22s} {pct(rec['acc_by_family'].get(f)):>6s} {s:6.2f}")
     return "\n".join(lines)
 
 

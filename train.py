@@ -522,8 +522,8 @@ def run_info(argv, cfgs, model_name, wrapper_name, data_dir, info):
 
 class Tally:
     """Sums of loss, right answers and questions, overall and per question kind (answer -100: unknown).
-    per_question: also keep each question's family, kind and steps, returned by summary() as "questions"
-    (analyze.py's breakdowns by family and step count)."""
+    per_question: also keep each question's family, kind, hit, known and steps, returned by summary() as
+    "questions" (analyze.py's breakdowns by family and step count)."""
 
     def __init__(self, per_question=False):
         self.n, self.hits = torch.zeros(2, len(KINDS) + 1, dtype=torch.float64)  # last slot: kind -1
@@ -545,7 +545,7 @@ class Tally:
             self.metrics[k] = self.metrics.get(k, 0.0) + v.float().sum().item()
         if self.questions is not None:
             steps = {"steps": out["steps"].float()} if "steps" in out else {}
-            for k, v in {"family": batch["family"], "kind": batch["kind"], **steps}.items():
+            for k, v in {"family": batch["family"], "kind": batch["kind"], "hit": hit, "known": known, **steps}.items():
                 self.questions.setdefault(k, []).append(v.cpu())
 
     def state(self):

@@ -42,6 +42,9 @@ def test_eval_reports_steps(runs, tiny_data, tmp_path, capsys):
     assert sum(rec["steps_hist"]) == rec["n"] and len(rec["steps_hist"]) == 3
     assert rec["avg_steps"] == pytest.approx(sum(n * c for n, c in enumerate(rec["steps_hist"], 1)) / rec["n"])
     assert set(rec["steps_by_kind"]) == set(rec["acc_by_kind"]) and rec["steps_by_family"]
+    fam = rec["acc_by_family"]  # the families' accuracies, weighted by their questions, are the accuracy
+    assert sum(rec["n_by_family"].values()) == rec["n"]
+    assert sum(fam[f] * n for f, n in rec["n_by_family"].items()) == pytest.approx(rec["acc"] * rec["n"])
     assert json.loads((tmp_path / "eval.json").read_text())["acc"] == rec["acc"]
     assert "steps histogram" in capsys.readouterr().out
     mask = analyze.main(["eval", str(runs / "dact" / "best.pt"), "--data", str(tiny_data), "--halt", "mask"])
