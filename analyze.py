@@ -386,7 +386,8 @@ def lnmn_accuracies(model, loader, ops, max_batches):
 def cmd_lnmn(args):
     if getattr(args, "threads", 0):
         torch.set_num_threads(args.threads)
-    out = writable(args.out, "--out", folder=True)
+    run = Path(args.run)
+    out = writable(args.out or (run if run.is_dir() else run.parent), "--out", folder=True)
     model, _, d, _ = load_run(args.run, args.data, models=("lnmn",), inner=True)
     ops = registered(train.MODELS, "lnmn", "model", args.run).OPS
     bank = model.modules_
@@ -450,7 +451,7 @@ def parser():
     a = sub.add_parser("lnmn", help="LNMN: alpha heat map, expressions, operator ablation, hard-max accuracy")
     a.add_argument("run", help="an LNMN run")
     a.add_argument("--max-batches", type=int, default=0, help="evaluate on the first N val batches (0: all)")
-    a.add_argument("--out", default="lnmn_analysis", help="folder for analysis.json and alphas.png")
+    a.add_argument("--out", help="folder for analysis.json and alphas.png (default: the run's directory)")
     a.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
     for s in (e, f, g, a):
         s.add_argument("--data", help="prepared data directory (default: the one the run was trained on)")

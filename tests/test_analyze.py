@@ -125,6 +125,8 @@ def test_lnmn_analysis(runs, tiny_data, tmp_path, capsys):
         assert word in text
     res = json.loads((tmp_path / "an" / "analysis.json").read_text())
     assert len(res["accuracy"]) == 8 and len(res["expressions"]) == 8
+    analyze.main(argv[:-2])                                    # no --out: next to the checkpoint, in its run
+    assert json.loads((runs / "lnmn" / "analysis.json").read_text())["expressions"] == res["expressions"]
     if HAS_MATPLOTLIB:                                         # the heat map needs matplotlib, which is optional
         assert (tmp_path / "an" / "alphas.png").exists()
     else:
