@@ -134,10 +134,10 @@ def evaluate(model, loader, device):
     rec["avg_steps"] = mean(steps)
     rec["steps_hist"] = torch.bincount(steps.long(), minlength=model.max_steps + 1)[1:].tolist()  # steps 1..N
     rec["steps_by_kind"] = {k: mean(steps[kind == i]) for i, k in enumerate(data.QUESTION_KINDS)}
-    rec["steps_by_family"] = {int(f): mean(steps[family == f]) for f in family.unique().tolist()}
-    hit, known = q["hit"], q["known"]
-    rec["acc_by_family"] = {int(f): mean(hit[(family == f) & known]) for f in family.unique().tolist()}
-    rec["n_by_family"] = {int(f): int(((family == f) & known).sum()) for f in family.unique().tolist()}
+    families, hit, known = family.unique().tolist(), q["hit"], q["known"]
+    rec["steps_by_family"] = {int(f): mean(steps[family == f]) for f in families}
+    rec["acc_by_family"] = {int(f): mean(hit[(family == f) & known]) for f in families}
+    rec["n_by_family"] = {int(f): int(((family == f) & known).sum()) for f in families}
     return rec
 
 
