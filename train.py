@@ -41,7 +41,8 @@ Where each setting comes from, lowest priority first:
                               the recipe in its train config)
 A preset key that is not a Config field sets the recipe (`lr`, `batch_size`, `epochs`, ...) or the trainer
 (`threads`).
-On --resume, RUN_FIELDS (e.g. --iters, --device) come from the command line, never the checkpoint.
+On --resume, RUN_FIELDS (e.g. --iters, --device) come from the command line, never the checkpoint; --threads
+comes from the checkpoint unless given, since the number of threads changes how CPU sums round.
 Every value, wherever it came from, is checked against RULES. --init refuses a checkpoint whose tensors do
 not all fit the model (other sizes, missing or extra keys; a new wrapper's own parameters, e.g. DACT's
 halting unit, excepted) unless --init-partial is given; either way the log lists what loaded.
@@ -102,7 +103,7 @@ class TrainConfig:
     iters: int = 0  # stop after this many training iterations in all (0: no limit); for smoke runs
     seed: int = 0  # weights, dropout and shuffling
     device: str = "auto"  # auto: cuda, then mps, then cpu
-    threads: int = 0  # CPU threads for torch (0: torch's default; small models run faster on 1)
+    threads: int = 0  # CPU threads for torch (0: torch's default; small models run faster on 1); --resume keeps the run's
     log_every: int = 100  # iterations between progress lines
     ckpt_every: int = 0  # also write last.pt every N iterations, inside an epoch (0: after each epoch only)
     amp: str = "off"  # autocast: bf16 (CUDA; CPU too), fp16 (CUDA, with a gradient scaler), or off
@@ -130,7 +131,7 @@ class Recipe:
 
 
 # Settings of this invocation only: on --resume they come from the command line, not the checkpoint.
-RUN_FIELDS = {"out", "iters", "device", "threads", "log_every", "amp", "compile", "resume", "init",
+RUN_FIELDS = {"out", "iters", "device", "log_every", "amp", "compile", "resume", "init",
               "init_partial", "eval_only"}
 
 

@@ -187,6 +187,17 @@ def test_resume_continues_exactly(tiny_data, tmp_path):
     assert resumed["argv"][1:] == ["mac", "--out", str(tmp_path / "cut"), "--resume"] and resumed["config"]
 
 
+def test_resume_keeps_the_runs_threads_unless_given(tiny_data, tmp_path):
+    # the number of threads changes how CPU sums round: a resume on its default would leave the run's curve
+    train_mac(tiny_data, tmp_path, "--epochs", "3", "--iters", "2", "--threads", "1")
+    train.main(["mac", "--out", str(tmp_path), "--resume", "--iters", "4"])
+    train.main(["mac", "--out", str(tmp_path), "--resume", "--iters", "6", "--threads", "2"])
+    resumes = [json.loads(line) for line in (tmp_path / "resumes.jsonl").read_text().splitlines()]
+    assert [r["config"]["train"]["threads"] for r in resumes] == [1, 2]
+    assert torch.get_num_threads() == 2
+    torch.set_num_threads(1)  # as conftest sets it, for the tests after this one
+
+
 def test_lr_flag_on_resume_reaches_the_optimizer(tiny_data, tmp_path):
     # the optimizer state in last.pt carries its own rate: a --lr given on --resume must replace it
     train_mac(tiny_data, tmp_path, "--epochs", "1", "--lr", "1e-3", "--lr-patience", "9")  # no plateau cut
