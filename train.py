@@ -128,6 +128,7 @@ class Recipe:
     lr_factor: float = 0.5  # plateau: the factor that cuts the lr
     lr_patience: int = 0  # plateau: epochs without a better val accuracy before the lr is cut (0: the first)
     lr_threshold: float = 1e-3  # plateau: the relative gain that counts as better
+    kind_repeats: tuple[int, ...] = ()  # one count per question kind (Count, Exist, Compare Number, Query Attribute, Compare Attribute): an epoch sees each training question of that kind this many times (empty: once each)
 
 
 # Settings of this invocation only: on --resume they come from the command line, not the checkpoint.
@@ -140,6 +141,7 @@ RUN_FILES = ("last.pt", "best.pt", "prev.pt", "metrics.jsonl", "run.json", "resu
 
 
 RECIPE_FIELDS = tuple(f.name for f in dataclasses.fields(Recipe))
+PLATEAU_FIELDS = ("lr_factor", "lr_patience", "lr_threshold")
 
 
 def fail(msg):
@@ -280,6 +282,8 @@ RULES = {
                      "classifier_proj_dim", "classifier_fc_dim"), AT_LEAST_1),
     "dim": (lambda v: v >= 2 and v % 2 == 0, ">= 2 and even (the BiLSTM gives dim / 2 per direction)"),
     "pixel_channels": (lambda v: len(v) > 0 and min(v) >= 1, "(one or more, each >= 1)"),
+    "kind_repeats": (lambda v: v == () or (len(v) == len(data.QUESTION_KINDS) and min(v) >= 1),
+                     f"(none, or {len(data.QUESTION_KINDS)}: one per question kind, each >= 1)"),
     **dict.fromkeys(("lr", "arch_lr", "sharpen_temp"), (lambda v: v > 0, "> 0")),
     **dict.fromkeys(("lr_factor", "halt_eps"), (lambda v: 0 < v < 1, "between 0 and 1 (both excluded)")),
     **dict.fromkeys(("ema", "held_out", "stem_dropout", "question_dropout", "memory_dropout", "output_dropout",
@@ -331,13 +335,27 @@ def check_configs(cfgs, explicit, saved, path):
             fail(f"{type(cfg).__name__}.{name} = {value!r} (its default or a preset), but {name} must be {need}")
 
 
+def repeat_kinds(split, rows, repeats, log):
+    """The training rows (None: all) with each question of kind k repeated repeats[k] times (oversampling)."""
+    rows = np.arange(len(split)) if rows is None else np.asarray(rows)
+    kinds = split.kinds[rows]
+    extra = [rows[kinds == k] for k, r in enumerate(repeats) for _ in range(r - 1)]
+    if any(r > 1 and not (kinds == k).any() for k, r in enumerate(repeats)):
+        fail(f"--kind-repeats {' '.join(map(str, repeats))}: the training questions have no "
+             f"{', '.join(data.QUESTION_KINDS[k] for k, r in enumerate(repeats) if r > 1 and not (kinds == k).any())} "
+             "question (their kinds come from the programs): repeat only kinds the data has")
+    log(f"an epoch: {len(rows)} training questions and {sum(map(len, extra))} repeats "
+        f"({', '.join(f'{data.QUESTION_KINDS[k]} x{r}' for k, r in enumerate(repeats) if r != 1) or 'none'})")
+    return np.concatenate([rows, *extra])
+
+
 def paper_recipe(model_mod, wrapper_mod=None):
     """A run's base recipe: the recipe fields of the model's `paper` preset, then of the wrapper's (DACT's
     epochs). The model's names every Recipe field without a default, and the plateau fields too where its
     schedule is the plateau: a missing one fails here, never falls back on another model's value."""
     paper = getattr(model_mod, "PRESETS", {}).get("paper", {})
     need = [f.name for f in dataclasses.fields(Recipe)
-            if f.default is dataclasses.MISSING or paper.get("schedule") == "plateau"]
+            if f.default is dataclasses.MISSING or (f.name in PLATEAU_FIELDS and paper.get("schedule") == "plateau")]
     if missing := [name for name in need if name not in paper]:
         fail(f"{model_mod.__name__}.PRESETS['paper'] does not set {', '.join(missing)}: a model's paper preset "
              f"states its whole training recipe ({', '.join(need)}), each with its source")
@@ -824,6 +842,8 @@ class Run:
         if (rows := getattr(inner, "train_subset", lambda n: None)(len(split))) is not None:
             self.train_loader.rows = rows  # the model learns from these training questions only
             self.log(f"training on {len(rows)} of the {len(split)} training questions")
+        if recipe.kind_repeats:
+            self.train_loader.rows = repeat_kinds(split, self.train_loader.rows, recipe.kind_repeats, self.log)
         self.held_out = np.setdiff1d(np.arange(len(split)), self.train_loader.rows if rows is not None else [])
         self.with_progress = [m for m in raw.modules() if hasattr(m, "progress")]
         self.scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(self.optimizer, mode="max", factor=recipe.lr_factor,
