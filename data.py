@@ -607,7 +607,10 @@ class Loader:
         self.epoch, self.start = epoch, start
 
     def __len__(self):
-        n = len(self.split) if self.rows is None else len(self.rows)
+        return self.batches(len(self.split) if self.rows is None else len(self.rows))
+
+    def batches(self, n):
+        """How many batches n rows make."""
         return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
 
     def __iter__(self):

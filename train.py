@@ -129,6 +129,7 @@ class Recipe:
     lr_patience: int = 0  # plateau: epochs without a better val accuracy before the lr is cut (0: the first)
     lr_threshold: float = 1e-3  # plateau: the relative gain that counts as better
     kind_repeats: tuple[int, ...] = ()  # one count per question kind (Count, Exist, Compare Number, Query Attribute, Compare Attribute): an epoch sees each training question of that kind this many times (empty: once each)
+    repeat_epochs: int = 0  # the epochs, from the first, that --kind-repeats holds for (0: all); the later ones see each question once
 
 
 # Settings of this invocation only: on --resume they come from the command line, not the checkpoint.
@@ -771,9 +772,15 @@ class Run:
             self.check_batches()
         self.restore()
 
+    def epoch_rows(self, epoch):
+        """The training rows of `epoch` (None: all): with --kind-repeats, repeated in its first --repeat-epochs."""
+        repeat = self.rows_repeated is not None and (epoch < self.recipe.repeat_epochs or not self.recipe.repeat_epochs)
+        return self.rows_repeated if repeat else self.rows_once
+
     def check_batches(self):
         """Training needs training batches, answered val questions (for best.pt), and, resumed inside an epoch,
         the batch size that epoch began with (the batches are cut from its order by that size)."""
+        self.train_loader.rows = self.epoch_rows(self.ckpt["epoch"] if self.resuming else 0)
         n, split, val = len(self.train_loader), self.train_loader.split, self.val_loader.split
         if n == 0:
             rows = self.train_loader.rows
@@ -842,8 +849,9 @@ class Run:
         if (rows := getattr(inner, "train_subset", lambda n: None)(len(split))) is not None:
             self.train_loader.rows = rows  # the model learns from these training questions only
             self.log(f"training on {len(rows)} of the {len(split)} training questions")
+        self.rows_once, self.rows_repeated = self.train_loader.rows, None
         if recipe.kind_repeats:
-            self.train_loader.rows = repeat_kinds(split, self.train_loader.rows, recipe.kind_repeats, self.log)
+            self.rows_repeated = repeat_kinds(split, self.rows_once, recipe.kind_repeats, self.log)
         self.held_out = np.setdiff1d(np.arange(len(split)), self.train_loader.rows if rows is not None else [])
         self.with_progress = [m for m in raw.modules() if hasattr(m, "progress")]
         self.scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(self.optimizer, mode="max", factor=recipe.lr_factor,
@@ -1084,7 +1092,9 @@ class Run:
     def train_epoch(self):
         """The rest of the current epoch (all of it, unless resumed mid-epoch); False when --iters stops the run."""
         cfg, log, loader = self.cfg, self.log, self.train_loader
-        n_batches, total_iters = len(loader), max(self.recipe.epochs * len(loader), 1)  # cosine: over --epochs
+        loader.rows = self.epoch_rows(self.epoch)
+        sizes = [len(loader.split) if r is None else len(r) for r in map(self.epoch_rows, range(self.recipe.epochs))]
+        n_batches, total_iters = len(loader), max(sum(map(loader.batches, sizes)), 1)  # cosine: over --epochs
         loader.set_epoch(self.epoch, start=self.pos)
         batches = iter(loader)  # (making it may draw from the global RNG, so seed after it)
         if self.rng is not None and self.pos > 0:

@@ -17,6 +17,7 @@ import types
 import typing
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -226,6 +227,35 @@ def test_cosine_schedule_decays_to_zero_and_resumes_exactly(tiny_data, tmp_path)
         assert torch.equal(a["model"][key], b["model"][key]), key
 
 
+def test_kind_repeats_show_each_question_of_a_kind_that_many_times_an_epoch(tiny_data, tmp_path):
+    split, repeats = data.Split(tiny_data, "train"), (1, 2, 1, 1, 3)
+    rows = train.repeat_kinds(split, None, repeats, lambda *a: None)
+    assert (split.kinds >= 0).all()  # mini-CLEVR's programs give every question a kind
+    assert (np.bincount(rows, minlength=len(split)) == np.array(repeats)[split.kinds]).all()
+    train_mac(tiny_data, tmp_path, "--epochs", "1", "--kind-repeats", *map(str, repeats))
+    (epoch,) = [r for r in records(tmp_path) if r["split"] == "train"]
+    assert epoch["iter"] == -(-len(rows) // 16)  # the epoch's batches cover the repeated rows
+    train_mac(tiny_data, tmp_path / "first", "--epochs", "2", "--kind-repeats", *map(str, repeats), "--repeat-epochs", "1")
+    ends = [r["iter"] for r in records(tmp_path / "first") if r["split"] == "train"]
+    assert ends == [-(-len(rows) // 16), -(-len(rows) // 16) + -(-len(split) // 16)]  # then each question once
+    counts = ["--kind-repeats", "1", "2"]
+    assert "kind_repeats must be a list of ints (none, or 5: one per question kind" in error_of(["mac", *counts])
+    only_counts = np.flatnonzero(split.kinds == 0)
+    with pytest.raises(SystemExit, match="have no Compare Attribute question"):
+        train.repeat_kinds(split, only_counts, (1, 1, 1, 1, 2), lambda *a: None)
+
+
+def test_a_run_with_repeats_in_its_first_epoch_resumes_exactly(tiny_data, tmp_path):
+    flags = ["--epochs", "2", "--kind-repeats", "1", "1", "1", "1", "2", "--repeat-epochs", "1"]
+    train_mac(tiny_data, tmp_path / "whole", *flags)
+    first = [r["iter"] for r in records(tmp_path / "whole") if r["split"] == "train"][0]
+    train_mac(tiny_data, tmp_path / "cut", *flags, "--iters", str(first - 2))  # stops inside the repeated epoch
+    train.main(["mac", "--out", str(tmp_path / "cut"), "--resume", "--iters", str(first + 3)])  # inside the next
+    train.main(["mac", "--out", str(tmp_path / "cut"), "--resume"])
+    a, b = load(tmp_path / "whole" / "last.pt"), load(tmp_path / "cut" / "last.pt")
+    assert a["iter"] == b["iter"] and all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+
+
 def test_init_into_another_config_reports_the_keys(run_dir, tiny_data, tmp_path, capsys):
     train_mac(tiny_data, tmp_path / "init", "--init", str(run_dir / "best.pt"), "--iters", "2",
               "--max-steps", "3", "--self-attention", "--init-partial")
@@ -380,7 +410,7 @@ def test_each_models_paper_preset_states_its_whole_recipe_each_with_a_source(nam
     mod = importlib.import_module(train.MODELS[name])
     paper = mod.PRESETS["paper"]
     need = {f.name for f in dataclasses.fields(train.Recipe)
-            if f.default is dataclasses.MISSING or paper.get("schedule") == "plateau"}
+            if f.default is dataclasses.MISSING or (f.name in train.PLATEAU_FIELDS and paper.get("schedule") == "plateau")}
     assert need <= set(paper), f"{name}: {sorted(need - set(paper))}"
     assert all(getattr(train.paper_recipe(mod), k) == paper[k] for k in need)
     lines = inspect.getsource(mod).splitlines()  # the source of each field: a comment on its line
