@@ -340,11 +340,10 @@ def repeat_kinds(split, rows, repeats, log):
     """The training rows (None: all) with each question of kind k repeated repeats[k] times (oversampling)."""
     rows = np.arange(len(split)) if rows is None else np.asarray(rows)
     kinds = split.kinds[rows]
-    extra = [rows[kinds == k] for k, r in enumerate(repeats) for _ in range(r - 1)]
-    if any(r > 1 and not (kinds == k).any() for k, r in enumerate(repeats)):
-        fail(f"--kind-repeats {' '.join(map(str, repeats))}: the training questions have no "
-             f"{', '.join(data.QUESTION_KINDS[k] for k, r in enumerate(repeats) if r > 1 and not (kinds == k).any())} "
+    if missing := [data.QUESTION_KINDS[k] for k, r in enumerate(repeats) if r > 1 and not (kinds == k).any()]:
+        fail(f"--kind-repeats {' '.join(map(str, repeats))}: the training questions have no {', '.join(missing)} "
              "question (their kinds come from the programs): repeat only kinds the data has")
+    extra = [rows[kinds == k] for k, r in enumerate(repeats) for _ in range(r - 1)]
     log(f"an epoch: {len(rows)} training questions and {sum(map(len, extra))} repeats "
         f"({', '.join(f'{data.QUESTION_KINDS[k]} x{r}' for k, r in enumerate(repeats) if r != 1) or 'none'})")
     return np.concatenate([rows, *extra])
