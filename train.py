@@ -128,7 +128,7 @@ class Recipe:
     lr_factor: float = 0.5  # plateau: the factor that cuts the lr
     lr_patience: int = 0  # plateau: epochs without a better val accuracy before the lr is cut (0: the first)
     lr_threshold: float = 1e-3  # plateau: the relative gain that counts as better
-    kind_repeats: tuple[int, ...] = ()  # one count per question kind (Count, Exist, Compare Number, Query Attribute, Compare Attribute): an epoch sees each training question of that kind this many times (empty: once each)
+    kind_repeats: tuple[int, ...] = ()  # one count per question kind (Count, Exist, Compare Number, Query Attribute, Compare Attribute): an epoch sees each training question of that kind this many times (unset, or all 1: once each)
     repeat_epochs: int = 0  # the epochs, from the first, that --kind-repeats holds for (0: all); the later ones see each question once
 
 
@@ -851,7 +851,9 @@ class Run:
         self.rows_once, self.rows_repeated = self.train_loader.rows, None
         if recipe.kind_repeats:
             self.rows_repeated = repeat_kinds(split, self.rows_once, recipe.kind_repeats, self.log)
-        self.held_out = np.setdiff1d(np.arange(len(split)), self.train_loader.rows if rows is not None else [])
+            if recipe.repeat_epochs:
+                self.log(f"  in the first {recipe.repeat_epochs} epochs; the later ones show each question once")
+        self.held_out = np.setdiff1d(np.arange(len(split)), self.rows_once if rows is not None else [])
         self.with_progress = [m for m in raw.modules() if hasattr(m, "progress")]
         self.scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(self.optimizer, mode="max", factor=recipe.lr_factor,
                                                                     patience=recipe.lr_patience,

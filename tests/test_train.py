@@ -238,8 +238,8 @@ def test_kind_repeats_show_each_question_of_a_kind_that_many_times_an_epoch(tiny
     train_mac(tiny_data, tmp_path / "first", "--epochs", "2", "--kind-repeats", *map(str, repeats), "--repeat-epochs", "1")
     ends = [r["iter"] for r in records(tmp_path / "first") if r["split"] == "train"]
     assert ends == [-(-len(rows) // 16), -(-len(rows) // 16) + -(-len(split) // 16)]  # then each question once
-    counts = ["--kind-repeats", "1", "2"]
-    assert "kind_repeats must be a list of ints (none, or 5: one per question kind" in error_of(["mac", *counts])
+    assert "kind_repeats must be a list of ints (none, or 5: one per question kind" in error_of(
+        ["mac", "--kind-repeats", "1", "2"])
     only_counts = np.flatnonzero(split.kinds == 0)
     with pytest.raises(SystemExit, match="have no Compare Attribute question"):
         train.repeat_kinds(split, only_counts, (1, 1, 1, 1, 2), lambda *a: None)
