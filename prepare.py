@@ -318,11 +318,12 @@ def prepare_clevr(clevr_dir, out, images="pixels", size=64, vocab=None, features
 # ------------------------------------------------------------------------------------------------
 
 class SceneCNN(torch.nn.Module):
-    """Pixels (B, 3, S, S) -> per-cell predictions (B, 1 + 15, S/8, S/8): for every 8 x 8 cell, the
-    probability that an object is centred there and, times that, the probabilities of each value of
-    its four attributes. The built-in data's stand-in for the ImageNet-pretrained ResNet-101 whose
-    features MAC reads on real CLEVR: models then learn to reason, not to see, which is what fits in
-    a laptop's minutes (README, "The built-in data")."""
+    """Pixels (B, 3, S, S) -> per-cell predictions (B, 1 + 15 + 2, S/8, S/8): for every 8 x 8 cell, the
+    probability that an object is centred there, times that the probabilities of each value of its
+    four attributes, and where in the cell its centre lies (x and y, -1 to 1 across the cell). The
+    built-in data's stand-in for the ImageNet-pretrained ResNet-101 whose features MAC reads on real
+    CLEVR: models then learn to reason, not to see, which is what fits in a laptop's minutes (README,
+    "The built-in data")."""
 
     def __init__(self, channels=32):
         super().__init__()
@@ -331,17 +332,18 @@ class SceneCNN(torch.nn.Module):
             layers += [nn.Conv2d(c, ch, 3, stride=2, padding=1), nn.GroupNorm(8, ch), nn.ELU()]
             c = ch
         self.body = nn.Sequential(*layers, nn.Conv2d(c, channels, 3, padding=1), nn.ELU())
-        self.heads = nn.Conv2d(channels, 1 + sum(len(v) for v in ATTRIBUTES.values()), 1)
+        self.heads = nn.Conv2d(channels, 1 + sum(len(v) for v in ATTRIBUTES.values()) + 2, 1)
 
     def forward(self, x):
-        return self.heads(self.body(x))                                  # (B, 1 + 15, G, G) logits
+        return self.heads(self.body(x))                                  # (B, 1 + 15 + 2, G, G) logits
 
     def predict(self, x):
+        """-> (B, 1 + 15, G, G) object and attribute probabilities, (B, 2, G, G) offsets in the cell."""
         logits = self.forward(x)
         obj = torch.sigmoid(logits[:, :1])                               # (B, 1, G, G)
         sizes = [len(ATTRIBUTES[a]) for a in ATTR_ORDER]
-        probs = [obj * part.softmax(1) for part in logits[:, 1:].split(sizes, 1)]
-        return torch.cat([obj, *probs], 1)                               # (B, 1 + 15, G, G)
+        probs = [obj * part.softmax(1) for part in logits[:, 1:-2].split(sizes, 1)]
+        return torch.cat([obj, *probs], 1), torch.tanh(logits[:, -2:])  # (B, 16, G, G), (B, 2, G, G)
 
 
 def load_scenes(clevr_dir, split, num_images):
@@ -376,35 +378,50 @@ def load_scenes(clevr_dir, split, num_images):
     return scenes[:num_images]
 
 
-def _cell_targets(scenes, grid, frames=None):
-    """Per cell: -1 (no object centred there) or the index of each attribute's value. (N, 4, G, G), and
-    how many objects share their cell with another. frames (N, 2): each image's width and height, the
-    frame of its pixel_coords (default: the built-in scenes' square image_size); x and y are scaled by
-    grid / width and grid / height (prepare_pixels resizes every image to a square the same way).
-    Objects in one cell: the cell learns the nearest to the camera (the smallest pixel_coords depth,
-    CLEVR's convention), which occludes the others. The built-in generator's scenes (with
-    `image_size`, where the third value is not a depth and objects never overlap) keep their listed
-    order, the last one listed winning, so that the built-in data's features stay as they were."""
-    t = np.full((len(scenes), len(ATTR_ORDER), grid, grid), -1, dtype=np.int64)
-    shared = 0
+def _placed_objects(scenes, grid, frames=None):
+    """(image, object, gx, gy, fx, fy) for every object, in the order the cells are written: (gx, gy) its
+    cell of the grid, (fx, fy) where its centre lies in that cell (-1 to 1). frames (N, 2): each image's
+    width and height, the frame of its pixel_coords (default: the built-in scenes' square image_size); x and
+    y are scaled by grid / width and grid / height (prepare_pixels resizes every image to a square the same
+    way). Objects in one cell: the nearest to the camera (the smallest pixel_coords depth, CLEVR's
+    convention) comes last and wins, as it occludes the others. The built-in generator's scenes (with
+    `image_size`, where the third value is not a depth and objects never overlap) keep their listed order,
+    the last one listed winning, so that the built-in data's cells stay as they were."""
     for i, scene in enumerate(scenes):
         w, h = (scene["image_size"],) * 2 if frames is None else frames[i]
         objects = scene["objects"]
         if "image_size" not in scene:  # far to near: the nearest is written last
             objects = sorted(objects, key=lambda o: -o["pixel_coords"][2] if len(o["pixel_coords"]) > 2 else 0)
-        cells = set()
         for o in objects:
-            x, y = o["pixel_coords"][:2]
-            gx, gy = (max(min(int(v / side * grid), grid - 1), 0) for v, side in ((x, w), (y, h)))
-            shared += (gx, gy) in cells
-            cells.add((gx, gy))
-            t[i, :, gy, gx] = [ATTRIBUTES[a].index(o[a]) for a in ATTR_ORDER]
-    return torch.from_numpy(t), shared
+            (gx, fx), (gy, fy) = (_cell_and_offset(v / side * grid, grid) for v, side in
+                                  zip(o["pixel_coords"][:2], (w, h)))
+            yield i, o, gx, gy, fx, fy
 
 
-def train_scene_cnn(pixels, targets, channels=32, iters=1500, seed=0, log=print):
-    """SceneCNN trained on pixels (N, 3, S, S) uint8 to predict the cell targets (N, 4, G, G) of
-    `_cell_targets`: Adam, batches of 64 drawn with a generator seeded by `seed`."""
+def _cell_and_offset(v, grid):
+    """A position in cells (0 to grid) -> its cell, clamped to the grid, and where in it (-1 to 1)."""
+    g = max(min(int(v), grid - 1), 0)
+    return g, float(np.clip(2 * (v - g) - 1, -1, 1))
+
+
+def _cell_targets(scenes, grid, frames=None):
+    """Per cell: -1 (no object centred there) or the index of each attribute's value (N, 4, G, G); the
+    offsets of its centre in the cell, 0 where none (N, 2, G, G); and how many objects share their cell
+    with another. Cells and offsets as `_placed_objects` gives them."""
+    t = np.full((len(scenes), len(ATTR_ORDER), grid, grid), -1, dtype=np.int64)
+    offsets = np.zeros((len(scenes), 2, grid, grid), dtype=np.float32)
+    cells, shared = set(), 0
+    for i, o, gx, gy, fx, fy in _placed_objects(scenes, grid, frames):
+        shared += (i, gx, gy) in cells
+        cells.add((i, gx, gy))
+        t[i, :, gy, gx] = [ATTRIBUTES[a].index(o[a]) for a in ATTR_ORDER]
+        offsets[i, :, gy, gx] = fx, fy
+    return torch.from_numpy(t), torch.from_numpy(offsets), shared
+
+
+def train_scene_cnn(pixels, targets, offsets, channels=32, iters=1500, seed=0, log=print):
+    """SceneCNN trained on pixels (N, 3, S, S) uint8 to predict the cell targets (N, 4, G, G) and offsets
+    (N, 2, G, G) of `_cell_targets`: Adam, batches of 64 drawn with a generator seeded by `seed`."""
     F = torch.nn.functional
     gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
@@ -414,12 +431,14 @@ def train_scene_cnn(pixels, targets, channels=32, iters=1500, seed=0, log=print)
     t0 = time.time()
     for it in range(iters):
         idx = torch.randint(0, len(pixels), (64,), generator=gen)
-        logits = cnn(pixels[idx].float() / 255)  # (64, 1 + 15, G, G)
+        logits = cnn(pixels[idx].float() / 255)  # (64, 1 + 15 + 2, G, G)
         t = targets[idx]
         present = (t[:, 0] >= 0).float()
         loss = F.binary_cross_entropy_with_logits(logits[:, 0], present)
-        for k, part in enumerate(logits[:, 1:].split(sizes, 1)):  # on the cells where an object is centred
+        for k, part in enumerate(logits[:, 1:-2].split(sizes, 1)):  # on the cells where an object is centred
             loss = loss + F.cross_entropy(part, t[:, k], ignore_index=-1)
+        err = (torch.tanh(logits[:, -2:]) - offsets[idx]).square().sum(1)  # (64, G, G)
+        loss = loss + (err * present).sum() / present.sum().clamp(min=1)
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -434,15 +453,16 @@ def _log_scene_cnn_on_val(cnn, clevr_dir, out, grid, frames, log):
     if not ((out / "val_images.h5").exists() and (clevr_dir / "scenes" / "CLEVR_val_scenes.json").exists()):
         return
     with h5py.File(out / "val_images.h5", "r") as f, torch.no_grad():
-        logits = cnn(torch.from_numpy(f["images"][:]).float() / 255)  # (N, 16, G, G)
-    t, _ = _cell_targets(load_scenes(clevr_dir, "val", len(logits)), grid, frames)
+        logits = cnn(torch.from_numpy(f["images"][:]).float() / 255)  # (N, 1 + 15 + 2, G, G)
+    t, offsets, _ = _cell_targets(load_scenes(clevr_dir, "val", len(logits)), grid, frames)
     present = t[:, 0] >= 0  # (N, G, G)
     sizes = [len(ATTRIBUTES[a]) for a in ATTR_ORDER]
     accs = [((logits[:, 0] > 0) == present).float().mean()] + [
         (part.argmax(1)[present] == t[:, k][present]).float().mean()
-        for k, part in enumerate(logits[:, 1:].split(sizes, 1))]
+        for k, part in enumerate(logits[:, 1:-2].split(sizes, 1))]
+    err = (torch.tanh(logits[:, -2:]) - offsets).abs().movedim(1, -1)[present].mean()  # in half cells
     log("  scene CNN on val: cells (object or not) {:.1%}; size {:.1%}, color {:.1%}, material {:.1%}, "
-        "shape {:.1%} of the objects".format(*accs))
+        "shape {:.1%} of the objects; centres within {:.2f} of a cell on average".format(*accs, err / 2))
 
 
 def scene_cnn_features(clevr_dir, out, size, channels=32, iters=1500, log=print, seed=0, frames=None,
@@ -457,16 +477,16 @@ def scene_cnn_features(clevr_dir, out, size, channels=32, iters=1500, log=print,
     with h5py.File(out / "train_images.h5", "r") as f:
         pixels = torch.from_numpy(f["images"][:])  # (N, 3, S, S) uint8
     scenes = train_scenes or load_scenes(clevr_dir, "train", len(pixels))
-    targets, shared = _cell_targets(scenes, grid, frames.get("train"))  # (N, 4, G, G)
+    targets, offsets, shared = _cell_targets(scenes, grid, frames.get("train"))  # (N, 4, G, G), (N, 2, G, G)
     total = sum(len(sc["objects"]) for sc in scenes)
     log(f"  scene CNN targets: {shared} of {total} train objects ({shared / max(total, 1):.1%}) share their "
         f"cell of the {grid} x {grid} grid with another; the cell learns the nearest")
     t0 = time.time()
     iters = iters if len(pixels) >= 1000 else 30  # the tiny data: a few steps are enough
-    cnn = train_scene_cnn(pixels, targets, channels, iters, seed, log)
+    cnn = train_scene_cnn(pixels, targets, offsets, channels, iters, seed, log)
     _log_scene_cnn_on_val(cnn, clevr_dir, out, grid, frames.get("val"), log)
     ys, xs = torch.meshgrid(torch.linspace(-1, 1, grid), torch.linspace(-1, 1, grid), indexing="ij")
-    coords = torch.stack([xs, ys])  # (2, G, G)
+    coords = torch.stack([xs, ys])  # (2, G, G): the cells' centres, -1 to 1
     C = 1 + sum(len(v) for v in ATTRIBUTES.values()) + 2  # object, 15 attribute values, x, y
     images = {}
     for split in ("train", "val", "test"):
@@ -477,8 +497,11 @@ def scene_cnn_features(clevr_dir, out, size, channels=32, iters=1500, log=print,
             n = len(f["images"])
             dset = g.create_dataset("features", (n, C, grid, grid), dtype=np.float16)
             for i in range(0, n, 512):
-                feats = cnn.predict(torch.from_numpy(f["images"][i:i + 512]).float() / 255)  # (b, 16, G, G)
-                dset[i:i + 512] = torch.cat([feats, coords.expand(len(feats), -1, -1, -1)], 1).numpy()
+                probs, offset = cnn.predict(torch.from_numpy(f["images"][i:i + 512]).float() / 255)
+                # x, y: the cell's centre, moved to the object's as far as the cell holds one (a cell is
+                # 2 / (G - 1) wide in these coordinates), so relations read positions finer than cells
+                xy = coords + probs[:, :1] * offset / (grid - 1)         # (b, 2, G, G)
+                dset[i:i + 512] = torch.cat([probs, xy], 1).numpy()
         src.unlink()  # the pixels are in the CLEVR-layout folder; `prepare.py clevr --images pixels` remakes them
         images[split] = f"{split}_features.h5"
     log(f"  scene CNN: {iters} iterations in {time.time() - t0:.0f}s, features {C} x {grid} x {grid}")

@@ -130,7 +130,7 @@ def cell_scene(objects):
     ([(110, 105, 8.0, "blue"), (100, 100, 9.0, "red")], (1, 2), "blue", 1),       # ... or first: the nearer wins
 ])
 def test_cell_targets_in_a_480_x_320_frame_keep_the_nearest(objects, cell, color, shared):
-    t, n = prepare._cell_targets([cell_scene(objects)], 8, np.array([[480, 320]]))
+    t, _, n = prepare._cell_targets([cell_scene(objects)], 8, np.array([[480, 320]]))
     gx, gy = cell
     assert t[0, data.ATTR_ORDER.index("color"), gy, gx].item() == data.ATTRIBUTES["color"].index(color)
     assert (t[0, 0] >= 0).sum().item() == len(objects) - shared and n == shared

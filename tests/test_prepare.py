@@ -95,8 +95,12 @@ def test_cli_generate_tiny(tmp_path, capsys):
         torch.testing.assert_close(probs.sum(1), obj, atol=2e-3, rtol=0)
     batch = next(iter(data.make_loader(tmp_path / "g", "val", 4, shuffle=False)))
     assert batch["image"].shape == (4, 18, 4, 4)
-    assert torch.allclose(batch["image"][0, -2, 0], torch.linspace(-1, 1, 4), atol=1e-3)  # x coordinate channel
-    assert torch.allclose(batch["image"][0, -1, :, 0], torch.linspace(-1, 1, 4), atol=1e-3)  # y coordinate channel
+    # x, y: each cell's centre (-1 to 1), moved towards its object's by at most half a cell (1 / (G - 1)),
+    # times the probability that an object is centred there
+    centres = torch.linspace(-1, 1, 4)
+    moved = (batch["image"][:, -2] - centres).abs(), (batch["image"][:, -1] - centres[:, None]).abs()  # (4, 4, 4)
+    for m in moved:
+        assert (m <= batch["image"][:, 0] / 3 + 2e-3).all()
     assert (tmp_path / "g" / "preview.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -122,11 +126,14 @@ def test_cli_generate_passes_max_objects_on(tmp_path, clevr_json):
 def test_scene_cnn_targets_put_each_object_in_its_cell():
     rng = np.random.default_rng(5)
     scenes = [mini_clevr.sample_scene(rng, i, "train", 48) for i in range(30)]
-    t, _ = prepare._cell_targets(scenes, 6)  # (N, 4, 6, 6): -1 or the index of each attribute's value
+    t, offsets, _ = prepare._cell_targets(scenes, 6)  # (N, 4, 6, 6): -1 or each attribute's value's index
     for i, scene in enumerate(scenes):
         for o in scene["objects"]:
             gx, gy = int(o["pixel_coords"][0] / 8), int(o["pixel_coords"][1] / 8)
             assert t[i, :, gy, gx].tolist() == [data.ATTRIBUTES[a].index(o[a]) for a in data.ATTR_ORDER]
+            fx, fy = offsets[i, :, gy, gx].tolist()  # -1 to 1 across the 8-pixel cell: the object's centre
+            assert (8 * (gx + (fx + 1) / 2), 8 * (gy + (fy + 1) / 2)) == pytest.approx(o["pixel_coords"][:2])
+        assert (offsets[i][:, t[i, 0] < 0] == 0).all()  # no object, no offset
         assert (t[i, 0] >= 0).sum() <= len(scene["objects"])
 
 
