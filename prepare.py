@@ -507,9 +507,11 @@ def scene_cnn_features(clevr_dir, out, size, channels=32, iters=1500, log=print,
                 # x, y: the cell's centre, moved to the object's as far as the cell holds one (a cell is
                 # 2 / (G - 1) wide in these coordinates), so relations read positions finer than cells
                 xy = coords + probs[:, :1] * offset / (grid - 1)         # (b, 2, G, G)
-                # and past which of the lines x and y lie, 1 or 0 (a thermometer code): MAC's read unit
-                # compares memory and knowledge by an elementwise product, and "left of" is then a sum
+                # and past which of the lines x and y lie, +-1 / sqrt(n) (a thermometer code, of norm 1 per
+                # axis): MAC's read unit compares memory and knowledge by an elementwise product, and
+                # "left of" is then a sum
                 past = (xy[:, :, None] > lines[:, None, None]).flatten(1, 2).float()  # (b, 2n, G, G)
+                past = (2 * past - 1) / len(lines) ** 0.5
                 dset[i:i + 512] = torch.cat([probs, xy, past], 1).numpy()
         src.unlink()  # the pixels are in the CLEVR-layout folder; `prepare.py clevr --images pixels` remakes them
         images[split] = f"{split}_features.h5"
