@@ -26,7 +26,7 @@ from data import ATTR_ORDER, ATTRIBUTES, RELATIONS, DataError, IllPosed, execute
 # Bumped whenever the built-in data changes, here or in how prepare.py prepares it (3: scene-CNN
 # predictions as features; 4: the x, y channels give each object's centre, not its cell's); data.builtin_dir
 # names its cache folder after it.
-GENERATOR_VERSION = 6
+GENERATOR_VERSION = 4
 BUILTIN = {  # sizes of the two built-in datasets
     "default": dict(train_images=5000, val_images=500, questions_per_image=20, image_size=48, max_objects=5),
     "tiny": dict(train_images=48, val_images=16, questions_per_image=5, image_size=32, max_objects=5),

@@ -378,10 +378,6 @@ def load_scenes(clevr_dir, split, num_images):
     return scenes[:num_images]
 
 
-LINES_PER_CELL = 5  # the features' thermometer code: lines a fifth of a cell apart, closer than the built-in
-# scenes' objects ever are (MARGIN, 0.24 of a cell at 48 pixels)
-
-
 def _placed_objects(scenes, grid, frames=None):
     """(image, object, gx, gy, fx, fy) for every object, in the order the cells are written: (gx, gy) its
     cell of the grid, (fx, fy) where its centre lies in that cell (-1 to 1). frames (N, 2): each image's
@@ -491,9 +487,7 @@ def scene_cnn_features(clevr_dir, out, size, channels=32, iters=1500, log=print,
     _log_scene_cnn_on_val(cnn, clevr_dir, out, grid, frames.get("val"), log)
     ys, xs = torch.meshgrid(torch.linspace(-1, 1, grid), torch.linspace(-1, 1, grid), indexing="ij")
     coords = torch.stack([xs, ys])  # (2, G, G): the cells' centres, -1 to 1
-    lines = torch.linspace(-1, 1, grid)[0] - 1 / (grid - 1) + torch.arange(1, LINES_PER_CELL * grid) * (
-        2 / (grid - 1) / LINES_PER_CELL)  # (n,) n = LINES_PER_CELL * G - 1 lines across the grid, -1 to 1
-    C = 1 + sum(len(v) for v in ATTRIBUTES.values()) + 2 + 2 * len(lines)  # object, 15 values, x, y, lines
+    C = 1 + sum(len(v) for v in ATTRIBUTES.values()) + 2  # object, 15 attribute values, x, y
     images = {}
     for split in ("train", "val", "test"):
         src = out / f"{split}_images.h5"
@@ -507,12 +501,7 @@ def scene_cnn_features(clevr_dir, out, size, channels=32, iters=1500, log=print,
                 # x, y: the cell's centre, moved to the object's as far as the cell holds one (a cell is
                 # 2 / (G - 1) wide in these coordinates), so relations read positions finer than cells
                 xy = coords + probs[:, :1] * offset / (grid - 1)         # (b, 2, G, G)
-                # and past which of the lines x and y lie, +-1 / sqrt(n) (a thermometer code, of norm 1 per
-                # axis): MAC's read unit compares memory and knowledge by an elementwise product, and
-                # "left of" is then a sum
-                past = (xy[:, :, None] > lines[:, None, None]).flatten(1, 2).float()  # (b, 2n, G, G)
-                past = (2 * past - 1) / len(lines) ** 0.5
-                dset[i:i + 512] = torch.cat([probs, xy, past], 1).numpy()
+                dset[i:i + 512] = torch.cat([probs, xy], 1).numpy()
         src.unlink()  # the pixels are in the CLEVR-layout folder; `prepare.py clevr --images pixels` remakes them
         images[split] = f"{split}_features.h5"
     log(f"  scene CNN: {iters} iterations in {time.time() - t0:.0f}s, features {C} x {grid} x {grid}")
