@@ -468,11 +468,11 @@ def _log_scene_cnn_on_val(cnn, clevr_dir, out, grid, frames, log):
 def scene_cnn_features(clevr_dir, out, size, channels=32, iters=1500, log=print, seed=0, frames=None,
                        train_scenes=None):
     """Train SceneCNN on the train split's pixels and scene annotations, then write its predictions,
-    with x and y coordinate channels appended, as {split}_features.h5 (float16) in place of the
-    {split}_images.h5 pixels, for every split there (test too: it needs no scenes). frames:
-    {split: (N, 2)} the images' widths and heights before resizing (prepare_pixels' return; default
-    the built-in scenes' image_size); train_scenes: load_scenes' list, when read already. Returns what
-    info.json says about them."""
+    with x and y channels appended (each cell's centre, moved to its object's), as {split}_features.h5
+    (float16) in place of the {split}_images.h5 pixels, for every split there (test too: it needs no
+    scenes). frames: {split: (N, 2)} the images' widths and heights before resizing (prepare_pixels'
+    return; default the built-in scenes' image_size); train_scenes: load_scenes' list, when read
+    already. Returns what info.json says about them."""
     grid, frames = size // 8, frames or {}
     with h5py.File(out / "train_images.h5", "r") as f:
         pixels = torch.from_numpy(f["images"][:])  # (N, 3, S, S) uint8
