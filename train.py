@@ -124,11 +124,10 @@ class Recipe:
     lr: float  # Adam's learning rate
     clip: float  # gradient-norm clipping (0: off)
     ema: float  # decay of the weight average used for evaluation (0: off)
-    schedule: typing.Literal["plateau", "cosine", "constant", "anneal"]  # plateau: ReduceLROnPlateau on the val accuracy (or the model's val_metric); cosine: to 0 by the last epoch; constant: no schedule; anneal: constant, then linearly to 0 over the last anneal_epochs
+    schedule: typing.Literal["plateau", "cosine", "constant"]  # plateau: ReduceLROnPlateau on the val accuracy (or the model's val_metric); cosine: to 0 by the last epoch; constant: no schedule
     lr_factor: float = 0.5  # plateau: the factor that cuts the lr
     lr_patience: int = 0  # plateau: epochs without a better val accuracy before the lr is cut (0: the first)
     lr_threshold: float = 1e-3  # plateau: the relative gain that counts as better
-    anneal_epochs: int = 1  # anneal: the last epochs, over which the lr falls linearly to 0
     kind_repeats: tuple[int, ...] = ()  # one count per question kind (Count, Exist, Compare Number, Query Attribute, Compare Attribute): an epoch sees each training question of that kind this many times (unset, or all 1: once each)
     repeat_epochs: int = 0  # the epochs, from the first, that --kind-repeats holds for (0: all); the later ones see each question once
 
@@ -279,7 +278,7 @@ AT_LEAST_1 = (lambda v: v >= 1, ">= 1")
 BELOW_1 = (lambda v: 0 <= v < 1, ">= 0 and < 1")
 FROM_0_TO_1 = (lambda v: 0 <= v <= 1, "from 0 to 1")
 RULES = {
-    **dict.fromkeys(("batch_size", "anneal_epochs", "log_every", "embed_dim", "max_steps", "kb_dim", "pe_dim", "mem_dim", "out_dim",
+    **dict.fromkeys(("batch_size", "log_every", "embed_dim", "max_steps", "kb_dim", "pe_dim", "mem_dim", "out_dim",
                      "stack_len", "map_dim", "hidden_dim", "rnn_layers", "max_program_len", "module_dim",
                      "classifier_proj_dim", "classifier_fc_dim"), AT_LEAST_1),
     "dim": (lambda v: v >= 2 and v % 2 == 0, ">= 2 and even (the BiLSTM gives dim / 2 per direction)"),
@@ -418,19 +417,6 @@ def can_compile(device, log):
         return True
     log("--compile: no C++ compiler (g++, clang++ or cl) on the PATH for torch.compile on the CPU; running uncompiled")
     return False
-
-
-def scheduled_lr(recipe, it, ends):
-    """The lr at iteration `it` (0-based) of a schedule that is a function of the iteration alone, so that
-    --resume needs no state: cosine to 0 over the run, or anneal's linear fall over its last epochs; None
-    for the others. `ends`: the iteration count at the end of each epoch."""
-    total = max(int(ends[-1]), 1)
-    if recipe.schedule == "cosine":
-        return recipe.lr * 0.5 * (1 + math.cos(math.pi * min(it / total, 1.0)))
-    if recipe.schedule == "anneal":
-        start = int(ends[-recipe.anneal_epochs - 1]) if recipe.anneal_epochs < len(ends) else 0
-        return recipe.lr * min(1.0, (total - it) / max(total - start, 1))
-    return None
 
 
 def seed_all(*keys):
@@ -1054,12 +1040,11 @@ class Run:
             loss = loss + self.raw.regularizer()
         return loss
 
-    def step(self, batch, ends):
-        """One weight update (and the model's architecture step, if it has one) -> (out, loss, grad norm).
-        `ends`: the iteration count at the end of each epoch of the run."""
+    def step(self, batch, total_iters):
+        """One weight update (and the model's architecture step, if it has one) -> (out, loss, grad norm)."""
         recipe, optimizer = self.recipe, self.optimizer
         for m in self.with_progress:
-            m.progress = self.it / max(int(ends[-1]), 1)
+            m.progress = self.it / total_iters
         with self.autocast:
             out = self.model(batch)
             loss = self.loss(out, batch)
@@ -1072,10 +1057,9 @@ class Run:
                                "No checkpoint was written yet (the first comes at the end of epoch 1, or after "
                                f"--ckpt-every iterations): start again, in another --out (or after deleting "
                                f"{self.out}), with a lower --lr or another --seed"))
-        lr = scheduled_lr(recipe, self.it, ends)
-        if lr is not None:
+        if recipe.schedule == "cosine":  # a function of the iteration alone, so --resume needs no state
             for g in optimizer.param_groups:
-                g["lr"] = lr
+                g["lr"] = recipe.lr * 0.5 * (1 + math.cos(math.pi * min(self.it / total_iters, 1.0)))
         optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()  # DDP averages the gradients over the processes here
         self.scaler.unscale_(optimizer)  # (the scaler is a no-op unless --amp fp16)
@@ -1111,7 +1095,7 @@ class Run:
         cfg, log, loader = self.cfg, self.log, self.train_loader
         loader.rows = self.epoch_rows(self.epoch)
         sizes = [len(loader.split) if r is None else len(r) for r in map(self.epoch_rows, range(self.recipe.epochs))]
-        n_batches, ends = len(loader), np.cumsum([loader.batches(n) for n in sizes])  # the schedules' clock
+        n_batches, total_iters = len(loader), max(sum(map(loader.batches, sizes)), 1)  # cosine: over --epochs
         loader.set_epoch(self.epoch, start=self.pos)
         batches = iter(loader)  # (making it may draw from the global RNG, so seed after it)
         if self.rng is not None and self.pos > 0:
@@ -1123,7 +1107,7 @@ class Run:
         tally, t0 = Tally(), time.perf_counter()
         for batch in batches:
             batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
-            out, loss_value, gnorm = self.step(batch, ends)
+            out, loss_value, gnorm = self.step(batch, total_iters)
             self.it, self.pos = self.it + 1, self.pos + 1
             self.train_questions += len(batch["answer"]) * self.world  # the global batch
             tally.add(out, batch, loss_value)

@@ -227,19 +227,6 @@ def test_cosine_schedule_decays_to_zero_and_resumes_exactly(tiny_data, tmp_path)
         assert torch.equal(a["model"][key], b["model"][key]), key
 
 
-def test_anneal_schedule_holds_the_rate_then_falls_linearly_over_its_last_epochs_and_resumes_exactly(tiny_data, tmp_path):
-    n = len(data.make_loader(tiny_data, "train", 16, shuffle=True))
-    flags = ["--epochs", "3", "--schedule", "anneal", "--anneal-epochs", "2", "--lr", "1e-3"]
-    train_mac(tiny_data, tmp_path / "whole", *flags)
-    lrs = [r["lr"] for r in records(tmp_path / "whole") if r["split"] == "train"]  # each epoch's last iteration's
-    assert lrs == pytest.approx([1e-3, 1e-3 * (n + 1) / (2 * n), 1e-3 / (2 * n)])  # 1 at the start of epoch 2
-    train_mac(tiny_data, tmp_path / "cut", *flags, "--iters", str(2 * n - 3))  # stopped inside the fall
-    train.main(["mac", "--out", str(tmp_path / "cut"), "--resume"])
-    a, b = load(tmp_path / "whole" / "last.pt"), load(tmp_path / "cut" / "last.pt")
-    for key in a["model"]:
-        assert torch.equal(a["model"][key], b["model"][key]), key
-
-
 def test_kind_repeats_show_each_question_of_a_kind_that_many_times_an_epoch(tiny_data, tmp_path):
     split, repeats = data.Split(tiny_data, "train"), (1, 2, 1, 1, 3)
     rows = train.repeat_kinds(split, None, repeats, lambda *a: None)
