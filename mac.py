@@ -60,8 +60,8 @@ PRESETS = {
                    official_init=False,  # the preset's measured runs used PyTorch's init for the stem and embeddings
                    lr=2e-3, batch_size=128, epochs=9, lr_patience=2, lr_threshold=1e-4, threads=2,
                    clip=8.0, ema=0.999, schedule="plateau", lr_factor=0.5,  # what its measured runs used
-                   # Query Attribute twice an epoch in epochs 1-3: the relations first
-                   kind_repeats=(1, 1, 1, 2, 1), repeat_epochs=3),
+                   # Exist and Query Attribute (every relate question) twice an epoch in epochs 1-3: relations first
+                   kind_repeats=(1, 2, 1, 2, 1), repeat_epochs=3),
     # GQA, as the DACT code trains MAC on it (config/gqa_defaults.py; DACT paper Sec. 5): 4 steps,
     # 5 epochs; train.py picks it when the data's info.json says GQA
     "gqa": dict(max_steps=4, epochs=5,  # ACT.MAX_ITER 4, SOLVER.EPOCHS 5
