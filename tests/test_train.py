@@ -90,7 +90,7 @@ def test_help_shows_the_recipe_group_with_each_presets_values(capsys):
     recipe = text[text.index(" recipe: "):text.index(" mac (mac.Config):")]
     for name in train.RECIPE_FIELDS:
         assert "--" + name.replace("_", "-") in recipe, name
-    assert "(paper: 30; laptop: 9; gqa: 5)" in recipe  # DACT's paper epochs over MAC's, then MAC's presets
+    assert "(paper: 30; laptop: 11; gqa: 5)" in recipe  # DACT's paper epochs over MAC's, then MAC's presets
 
 
 @pytest.mark.parametrize("argv, message", [
